@@ -1,0 +1,117 @@
+"""The one settings object. Only entry points read it; they pass plain values down."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+QUEUES = ("interactive", "batch", "train", "embed")
+
+
+def _csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """genserve configuration, from GENSERVE_* environment variables or a .env file."""
+
+    model_config = SettingsConfigDict(env_prefix="GENSERVE_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Path("var")
+
+    # Empty means the embedded default: a SQLite file under data_dir.
+    database_url: str = ""
+    # Empty means the embedded broker: kombu's SQLAlchemy transport on its own SQLite file.
+    broker_url: str = ""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1_000_000
+
+    chat_models: Annotated[list[str], NoDecode] = ["smollm2-135m-instruct"]
+    embedding_model: str = "all-minilm-l6-v2"
+    # Where dequantized / converted weights are cached; empty means data_dir/models.
+    model_cache_dir: Path | None = None
+    device: str = "auto"
+
+    worker_queues: Annotated[list[str], NoDecode] = list(QUEUES)
+    worker_concurrency: int = Field(default=1, ge=1)
+    worker_pool: Literal["solo", "prefork", "threads"] = "solo"
+
+    # Rule 2: a job still queued this long after its last publish is published again;
+    # the wait doubles with each re-publish, up to 32x.
+    requeue_after_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    # A running job whose worker stopped renewing its lease this long ago is re-run.
+    job_lease_s: float = Field(default=600.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+
+    index_persist_every: int = Field(default=1000, ge=1)
+
+    @field_validator("chat_models", "worker_queues", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        return _csv(value)
+
+    @field_validator("worker_queues")
+    @classmethod
+    def _known_queues(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(QUEUES))
+        if unknown:
+            raise ValueError(f"unknown queues {unknown}; known: {list(QUEUES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_servers(self) -> Settings:
+        if self.environment == "production" and not (self.database_url and self.broker_url):
+            raise ValueError(
+                "GENSERVE_DATABASE_URL and GENSERVE_BROKER_URL must be set in production; "
+                "the embedded SQLite database and broker are for one machine only"
+            )
+        return self
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # psycopg 3 is the driver we ship; accept the plain scheme people paste.
+            for prefix in ("postgresql://", "postgres://"):
+                if url.startswith(prefix):
+                    return "postgresql+psycopg://" + url[len(prefix) :]
+            return url
+        return f"sqlite:///{self.resolved_data_dir / 'genserve.sqlite'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.embedded_broker_path}"
+
+    @property
+    def embedded_broker_path(self) -> Path:
+        return self.resolved_data_dir / "broker.sqlite"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def models_dir(self) -> Path:
+        return (self.model_cache_dir or self.resolved_data_dir / "models").expanduser().resolve()
+
+    @property
+    def index_dir(self) -> Path:
+        return self.resolved_data_dir / "index"
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,472 @@
+"""Queries and writes. Keyword-only, session first; callers commit unless stated."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import type_coerce
+
+from service.db.tables import (
+    ApiKey,
+    Conversation,
+    Embedding,
+    EmbeddingDeletion,
+    Generation,
+    Job,
+    Tenant,
+    new_id,
+    utcnow,
+)
+
+KEY_PREFIX = "gsk_"
+R = TypeVar("R", Job, Generation)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Filters shared by the job and generation listings and by search."""
+
+    status: str | None = None
+    model: str | None = None
+    tags: Sequence[str] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    conversation_id: str | None = None
+
+
+# --- tenants and keys ------------------------------------------------------------------
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256 random bits, so a fast hash is enough; no salt or KDF is needed.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def ensure_tenant(session: Session, *, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(
+    session: Session, *, tenant_name: str, role: str, name: str = ""
+) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the plaintext key, which is never stored."""
+    tenant = ensure_tenant(session, name=tenant_name)
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(
+        tenant_id=tenant.id,
+        role=role,
+        name=name,
+        prefix=plaintext[:12],
+        key_hash=hash_key(plaintext),
+    )
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def get_api_key(session: Session, *, plaintext: str) -> ApiKey | None:
+    return session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
+    )
+
+
+def count_api_keys(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(ApiKey)) or 0
+
+
+# --- filters -----------------------------------------------------------------------------
+
+
+def _json_value_matches(column: Any, key: str, value: Any) -> ColumnElement[bool]:
+    """metadata[key] == value; a numeric string from a query string also matches the number."""
+    path = column[key]
+    if isinstance(value, bool):
+        return path.as_boolean() == value
+    if isinstance(value, int | float):
+        return path.as_float() == float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        return path.as_string() == value
+    return or_(path.as_string() == value, path.as_float() == number)
+
+
+def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
+    if dialect == "postgresql":
+        return type_coerce(column, JSONB)["tags"].contains([tag])
+    tags = func.json_each(column, "$.tags").table_valued("value")
+    return exists(select(1).select_from(tags).where(tags.c.value == tag))
+
+
+def _filter_clauses(
+    table: type[Job] | type[Generation], filters: Filters, dialect: str
+) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    if filters.model:
+        clauses.append(table.model == filters.model)
+    if filters.created_after:
+        clauses.append(table.created_at >= filters.created_after)
+    if filters.created_before:
+        clauses.append(table.created_at < filters.created_before)
+    if filters.conversation_id:
+        clauses.append(table.conversation_id == filters.conversation_id)
+    clauses.extend(_has_tag(table.meta, tag, dialect) for tag in filters.tags)
+    clauses.extend(
+        _json_value_matches(table.meta, key, value) for key, value in filters.metadata.items()
+    )
+    return clauses
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _page(
+    session: Session, query: Select[R], table: type[R], cursor: str | None, limit: int
+) -> tuple[list[R], bool]:
+    # Ids sort by creation time, newest first; the cursor is the last id of the page.
+    if cursor:
+        query = query.where(table.id < cursor)
+    rows = list(session.scalars(query.order_by(table.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+# --- jobs --------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: int,
+    model: str,
+    queue: str,
+    input: dict[str, Any],
+    params: dict[str, Any],
+    metadata: dict[str, Any],
+    conversation_id: str | None,
+    parent_generation_id: str | None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Job:
+    """A queued job; a new conversation is started when it continues none."""
+    if conversation_id is None:
+        conversation = Conversation(id=new_id("conv"), tenant_id=tenant_id, meta={})
+        session.add(conversation)
+        session.flush()
+        conversation_id = conversation.id
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant_id,
+        model=model,
+        queue=queue,
+        status="queued",
+        input=input,
+        params=params,
+        meta=metadata,
+        conversation_id=conversation_id,
+        parent_generation_id=parent_generation_id,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, *, tenant_id: int, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def get_job_by_idempotency_key(session: Session, *, tenant_id: int, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def list_jobs(
+    session: Session, *, tenant_id: int, filters: Filters, cursor: str | None, limit: int
+) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    query = query.where(*_filter_clauses(Job, filters, _dialect(session)))
+    if filters.status:
+        query = query.where(Job.status == filters.status)
+    return _page(session, query, Job, cursor, limit)
+
+
+def mark_published(session: Session, *, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(published_at=utcnow(), publish_count=Job.publish_count + 1)
+    )
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    """Cancel a queued job at once; ask a running one to stop at its next token."""
+    if job.status == "queued":
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
+        )
+    elif job.status == "running":
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+# --- generations and conversations -------------------------------------------------------
+
+
+def get_generation(session: Session, *, tenant_id: int, generation_id: str) -> Generation | None:
+    return session.scalar(
+        select(Generation).where(Generation.id == generation_id, Generation.tenant_id == tenant_id)
+    )
+
+
+def list_generations(
+    session: Session, *, tenant_id: int, filters: Filters, cursor: str | None, limit: int
+) -> tuple[list[Generation], bool]:
+    query = select(Generation).where(Generation.tenant_id == tenant_id)
+    query = query.where(*_filter_clauses(Generation, filters, _dialect(session)))
+    return _page(session, query, Generation, cursor, limit)
+
+
+def delete_generation(session: Session, *, generation: Generation) -> None:
+    """Remove the text and the embeddings; log the embedding ids for the indexes."""
+    embeddings = session.execute(
+        select(Embedding.id, Embedding.model).where(Embedding.generation_id == generation.id)
+    ).all()
+    session.add_all(EmbeddingDeletion(embedding_id=eid, model=model) for eid, model in embeddings)
+    session.execute(delete(Embedding).where(Embedding.generation_id == generation.id))
+    session.delete(generation)
+    session.flush()
+
+
+def get_conversation(
+    session: Session, *, tenant_id: int, conversation_id: str
+) -> Conversation | None:
+    return session.scalar(
+        select(Conversation).where(
+            Conversation.id == conversation_id, Conversation.tenant_id == tenant_id
+        )
+    )
+
+
+def conversation_turns(session: Session, *, conversation_id: str) -> list[Generation]:
+    return list(
+        session.scalars(
+            select(Generation)
+            .where(Generation.conversation_id == conversation_id)
+            .order_by(Generation.created_at, Generation.id)
+        )
+    )
+
+
+def latest_generation(session: Session, *, conversation_id: str) -> Generation | None:
+    return session.scalar(
+        select(Generation)
+        .where(Generation.conversation_id == conversation_id)
+        .order_by(Generation.id.desc())
+        .limit(1)
+    )
+
+
+def ancestors(session: Session, *, generation_id: str | None, limit: int = 256) -> list[Generation]:
+    """The chain of turns ending at generation_id, oldest first."""
+    chain: list[Generation] = []
+    while generation_id is not None and len(chain) < limit:
+        turn = session.get(Generation, generation_id)
+        if turn is None:
+            break
+        chain.append(turn)
+        generation_id = turn.parent_id
+    return chain[::-1]
+
+
+def generations_for_embeddings(
+    session: Session,
+    *,
+    tenant_id: int,
+    embedding_ids: Sequence[int],
+    kinds: Sequence[str],
+    filters: Filters,
+) -> dict[int, tuple[str, str]]:
+    """Of the given embedding ids, those the caller may see: id -> (generation id, kind)."""
+    query = (
+        select(Embedding.id, Embedding.generation_id, Embedding.kind)
+        .join(Generation, Generation.id == Embedding.generation_id)
+        .where(
+            Embedding.id.in_(list(embedding_ids)),
+            Embedding.tenant_id == tenant_id,
+            Embedding.kind.in_(list(kinds)),
+            *_filter_clauses(Generation, filters, _dialect(session)),
+        )
+    )
+    return {eid: (gid, kind) for eid, gid, kind in session.execute(query)}
+
+
+def get_generations(session: Session, *, ids: Sequence[str]) -> dict[str, Generation]:
+    rows = session.scalars(select(Generation).where(Generation.id.in_(list(ids))))
+    return {row.id: row for row in rows}
+
+
+# --- the worker's side -------------------------------------------------------------------
+
+
+def claim_job(session: Session, *, job_id: str, lease_s: float) -> Job | None:
+    """Mark a job running if it is queued, or running with an expired lease; else None.
+
+    The conditional UPDATE is the claim: of two deliveries of one job, one wins.
+    """
+    now = utcnow()
+    claimable = or_(
+        Job.status == "queued",
+        and_(Job.status == "running", Job.lease_expires_at < now),
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            started_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def renew_lease(session: Session, *, job_id: str, lease_s: float) -> bool:
+    """Extend a running job's lease; returns whether cancellation was asked for."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    session.commit()
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish_job(session: Session, *, job_id: str, status: str, error: str | None = None) -> bool:
+    """Move a running job to a final status; False when it was not running."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def store_generation(
+    session: Session,
+    *,
+    job: Job,
+    generation: Generation,
+    vectors: dict[str, bytes],
+    model: str,
+    dimension: int,
+) -> bool:
+    """Store a result and its embeddings and mark the job succeeded, in the caller's
+    transaction. False (and nothing written) if the job is no longer running."""
+    if not finish_job(session, job_id=job.id, status="succeeded"):
+        return False
+    session.add(generation)
+    session.flush()
+    session.add_all(
+        Embedding(
+            tenant_id=job.tenant_id,
+            generation_id=generation.id,
+            kind=kind,
+            model=model,
+            dimension=dimension,
+            vector=vector,
+        )
+        for kind, vector in vectors.items()
+    )
+    session.flush()
+    return True
+
+
+# --- the sweeper's side ------------------------------------------------------------------
+
+
+def stale_jobs(
+    session: Session,
+    *,
+    now: datetime,
+    requeue_after_s: float,
+    never_published_after_s: float,
+    limit: int = 500,
+) -> list[Job]:
+    """Queued jobs whose message may be lost, and running jobs whose worker is gone."""
+    oldest_backoff = now - timedelta(seconds=requeue_after_s)
+    query = (
+        select(Job)
+        .where(
+            or_(
+                and_(
+                    Job.status == "queued",
+                    Job.published_at.is_(None),
+                    Job.created_at < now - timedelta(seconds=never_published_after_s),
+                ),
+                and_(Job.status == "queued", Job.published_at < oldest_backoff),
+                and_(Job.status == "running", Job.lease_expires_at < now),
+            )
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def requeue_job(session: Session, *, job: Job, max_attempts: int) -> bool:
+    """Claim a stale job for re-publishing (a conditional UPDATE, so one sweeper wins).
+
+    A job that has used all its attempts is failed instead; returns whether to publish.
+    """
+    same_state = and_(
+        Job.id == job.id, Job.status == job.status, Job.publish_count == job.publish_count
+    )
+    if job.attempts >= max_attempts:
+        result = session.execute(
+            update(Job)
+            .where(same_state)
+            .values(
+                status="failed",
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                error=f"gave up after {job.attempts} attempts (worker lost or timed out)",
+            )
+        )
+        session.commit()
+        return False
+    result = session.execute(
+        update(Job)
+        .where(same_state)
+        .values(
+            status="queued",
+            published_at=utcnow(),
+            publish_count=Job.publish_count + 1,
+            lease_expires_at=None,
+        )
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]

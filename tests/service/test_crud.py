@@ -1,0 +1,132 @@
+"""Job state transitions that keep a job from running twice, on both backends."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from service.db import crud
+from service.db.session import make_engine, make_sessionmaker
+from service.db.tables import Generation, Job, new_id, utcnow
+from tests.utils.factories import make_job, make_key
+
+
+def _session(url: str):  # noqa: ANN202
+    return make_sessionmaker(make_engine(url))()
+
+
+def _generation(job: Job) -> Generation:
+    return Generation(
+        id=new_id("gen"),
+        tenant_id=job.tenant_id,
+        job_id=job.id,
+        model=job.model,
+        model_version="1",
+        input=job.input,
+        prompt="p",
+        output="o",
+        params={},
+        meta={},
+        prompt_tokens=1,
+        completion_tokens=1,
+        finish_reason="stop",
+        timings={},
+        conversation_id=job.conversation_id,
+    )
+
+
+def test_keys_are_hashed_and_scoped(db_url: str) -> None:
+    with _session(db_url) as session:
+        tenant_id, key = make_key(session, "acme", "reader")
+        row = crud.get_api_key(session, plaintext=key)
+        assert row is not None and row.tenant_id == tenant_id and row.role == "reader"
+        assert row.key_hash == crud.hash_key(key) and row.key_hash != key
+        assert key.startswith(row.prefix) and len(row.prefix) < len(key)
+        assert crud.get_api_key(session, plaintext=key + "x") is None
+
+
+def test_a_job_is_claimed_once(db_url: str) -> None:
+    with _session(db_url) as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id)
+        first = crud.claim_job(session, job_id=job.id, lease_s=60)
+        second = crud.claim_job(session, job_id=job.id, lease_s=60)
+        assert first is not None and first.status == "running" and first.attempts == 1
+        assert second is None
+
+
+def test_an_expired_lease_can_be_claimed_again(db_url: str) -> None:
+    with _session(db_url) as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id)
+        assert crud.claim_job(session, job_id=job.id, lease_s=60) is not None
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+        again = crud.claim_job(session, job_id=job.id, lease_s=60)
+        assert again is not None and again.attempts == 2
+
+
+def test_result_is_stored_once(db_url: str) -> None:
+    with _session(db_url) as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id)
+        claimed = crud.claim_job(session, job_id=job.id, lease_s=60)
+        assert claimed is not None
+        vectors = {"prompt": b"\x00" * 16}
+        assert crud.store_generation(
+            session,
+            job=claimed,
+            generation=_generation(claimed),
+            vectors=vectors,
+            model="m",
+            dimension=4,
+        )
+        session.commit()
+        assert not crud.store_generation(
+            session,
+            job=claimed,
+            generation=_generation(claimed),
+            vectors=vectors,
+            model="m",
+            dimension=4,
+        )
+        session.commit()
+        count = session.scalars(select(Generation).where(Generation.job_id == job.id)).all()
+        assert len(count) == 1
+
+
+def test_cancelled_job_is_never_claimed(db_url: str) -> None:
+    with _session(db_url) as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id)
+        crud.cancel_job(session, job=job)
+        session.commit()
+        assert job.status == "cancelled"
+        assert crud.claim_job(session, job_id=job.id, lease_s=60) is None
+
+
+def test_metadata_filters(db_url: str) -> None:
+    with _session(db_url) as session:
+        tenant_id, _ = make_key(session)
+        a = make_job(session, tenant_id, metadata={"tags": ["x", "y"], "user": "ann", "n": 3})
+        b = make_job(session, tenant_id, metadata={"tags": ["y"], "user": "bob", "n": 4})
+        other, _ = make_key(session, "globex")
+        make_job(session, other, metadata={"tags": ["x"], "user": "ann"})
+
+        def ids(**kwargs: object) -> set[str]:
+            rows, _ = crud.list_jobs(
+                session, tenant_id=tenant_id, cursor=None, limit=50, filters=crud.Filters(**kwargs)
+            )  # type: ignore[arg-type]
+            return {row.id for row in rows}
+
+        assert ids(tags=("x",)) == {a.id}
+        assert ids(tags=("y",)) == {a.id, b.id}
+        assert ids(tags=("x", "y")) == {a.id}
+        assert ids(metadata={"user": "bob"}) == {b.id}
+        assert ids(metadata={"n": "3"}) == {a.id}
+        assert ids(metadata={"user": "nobody"}) == set()

@@ -1,0 +1,42 @@
+"""Rows made through crud, as the service makes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.db import crud
+from service.db.tables import Job
+
+
+def make_key(session: Session, tenant: str = "acme", role: str = "writer") -> tuple[int, str]:
+    row, plaintext = crud.create_api_key(session, tenant_name=tenant, role=role)
+    session.commit()
+    return row.tenant_id, plaintext
+
+
+def make_job(
+    session: Session,
+    tenant_id: int,
+    *,
+    model: str = "tiny-random-llama",
+    prompt: str = "hello",
+    metadata: dict[str, Any] | None = None,
+    max_tokens: int = 8,
+    parent: str | None = None,
+    conversation_id: str | None = None,
+) -> Job:
+    job = crud.create_job(
+        session,
+        tenant_id=tenant_id,
+        model=model,
+        queue="interactive",
+        input={"prompt": prompt},
+        params={"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": []},
+        metadata=metadata or {},
+        conversation_id=conversation_id,
+        parent_generation_id=parent,
+    )
+    session.commit()
+    return job
