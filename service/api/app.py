@@ -1,0 +1,81 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from models.registry import get_spec
+from service.api.errors import register_error_handlers
+from service.api.middleware import RequestLimits
+from service.api.routes import conversations, generations, health, jobs, search
+from service.config import Settings, get_settings
+from service.db.session import make_engine, make_sessionmaker
+from service.queue import JobPublisher, make_celery, prepare_embedded_broker
+from service.search.embedder import LazyEmbedder
+from service.search.index import VectorIndex
+from service.sweeper import Sweeper
+
+logger = logging.getLogger("genserve.api")
+
+
+def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan callable
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.sqlalchemy_url)
+        factory = make_sessionmaker(engine)
+        if settings.uses_embedded_broker:
+            prepare_embedded_broker(settings.embedded_broker_path)
+        publisher = JobPublisher(make_celery("genserve-api", settings.celery_broker_url))
+        spec = get_spec(settings.embedding_model)
+        assert spec.dimension is not None
+        index = VectorIndex(
+            model=spec.name,
+            dimension=spec.dimension,
+            directory=settings.index_dir,
+            persist_every=settings.index_persist_every,
+        )
+        with factory() as session:
+            index.open(session)
+        sweeper = Sweeper(
+            factory,
+            publisher,
+            interval_s=settings.sweep_interval_s,
+            requeue_after_s=settings.requeue_after_s,
+            max_attempts=settings.job_max_attempts,
+        )
+        app.state.sessionmaker = factory
+        app.state.publisher = publisher
+        app.state.index = index
+        app.state.embedder = LazyEmbedder(
+            model=spec.name, cache_dir=settings.models_dir, device="cpu"
+        )
+        app.state.served_models = tuple(settings.chat_models)
+        sweeper.start()
+        try:
+            yield
+        finally:
+            sweeper.stop()
+            index.persist()
+            publisher.close()
+            engine.dispose()
+
+    return lifespan
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="genserve",
+        version="0.1.0",
+        summary="Self-hosted generation: jobs, history and search.",
+        lifespan=_lifespan(settings),
+    )
+    register_error_handlers(app)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
+    for module in (health, jobs, generations, conversations, search):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,86 @@
+"""Request dependencies: a database session, the caller, and long-lived objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.api.errors import PermissionDenied, Unauthorized
+from service.db import crud
+from service.queue import JobPublisher
+from service.search.embedder import LazyEmbedder
+from service.search.index import VectorIndex
+
+ROLE_RANK = {"reader": 0, "writer": 1, "admin": 2}
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+
+bearer = HTTPBearer(auto_error=False, description="A genserve API key")
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: int
+    tenant_id: int
+    tenant: str
+    role: str
+
+
+def get_caller(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Caller:
+    if credentials is None:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    key = crud.get_api_key(session, plaintext=credentials.credentials)
+    if key is None:
+        raise Unauthorized("invalid or revoked API key")
+    return Caller(key_id=key.id, tenant_id=key.tenant_id, tenant=key.tenant.name, role=key.role)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def _require(role: str):  # noqa: ANN202 - a dependency factory
+    def check(caller: CallerDep) -> Caller:
+        if ROLE_RANK[caller.role] < ROLE_RANK[role]:
+            raise PermissionDenied(f"this needs the {role!r} role; the key has {caller.role!r}")
+        return caller
+
+    return check
+
+
+WriterDep = Annotated[Caller, Depends(_require("writer"))]
+
+
+def get_publisher(request: Request) -> JobPublisher:
+    return request.app.state.publisher
+
+
+def get_index(request: Request) -> VectorIndex:
+    return request.app.state.index
+
+
+def get_embedder(request: Request) -> LazyEmbedder:
+    return request.app.state.embedder
+
+
+def get_served_models(request: Request) -> tuple[str, ...]:
+    return request.app.state.served_models
+
+
+PublisherDep = Annotated[JobPublisher, Depends(get_publisher)]
+IndexDep = Annotated[VectorIndex, Depends(get_index)]
+EmbedderDep = Annotated[LazyEmbedder, Depends(get_embedder)]
+ServedModelsDep = Annotated[tuple[str, ...], Depends(get_served_models)]

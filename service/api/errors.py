@@ -1,0 +1,172 @@
+"""Domain errors, mapped to status codes once, with one JSON error body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("genserve.api")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class GenserveError(Exception):
+    status_code = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(GenserveError):
+    pass
+
+
+class Unauthorized(GenserveError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GenserveError):
+    status_code = 403
+    type = "permission_error"
+    code = "insufficient_role"
+
+
+class NotFound(GenserveError):
+    status_code = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class Conflict(GenserveError):
+    status_code = 409
+    type = "conflict_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(GenserveError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(GenserveError):
+    status_code = 503
+    type = "service_unavailable"
+    code = "unavailable"
+
+
+# Declared on routes so the OpenAPI docs show the error body.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 503)
+}
+
+
+def error_json(
+    status_code: int,
+    message: str,
+    *,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts)
+
+
+async def _genserve_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GenserveError)
+    headers = {"Retry-After": "5"} if exc.status_code == 503 else None
+    return error_json(
+        exc.status_code,
+        exc.message,
+        type_=exc.type,
+        param=exc.param,
+        code=exc.code,
+        headers=headers,
+    )
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[dict[str, Any]] = list(exc.errors())
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        context: dict[str, Any] = first.get("ctx") or {}
+        message = f"request body is not valid JSON: {context.get('error', '')}"
+        return error_json(
+            400, message.rstrip(": "), type_="invalid_request_error", code="invalid_json"
+        )
+    details = "; ".join(
+        f"{_loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5]
+    )
+    return error_json(
+        400, details, type_="invalid_request_error", param=param or None, code="invalid_value"
+    )
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    headers = dict(exc.headers) if exc.headers else None
+    return error_json(exc.status_code, str(exc.detail), type_=type_, headers=headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "-")
+    logger.exception(
+        "unhandled error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=exc,
+    )
+    return error_json(500, f"internal error (request {request_id})", type_="server_error")
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_json(
+        503,
+        "the database is unavailable; retry later",
+        type_="service_unavailable",
+        code="database_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(GenserveError, _genserve_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

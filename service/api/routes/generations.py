@@ -1,0 +1,57 @@
+"""Stored generations: read, list, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+from sqlalchemy.orm import Session
+
+from service.api.deps import CallerDep, SessionDep, WriterDep
+from service.api.errors import ERROR_RESPONSES, NotFound
+from service.api.routes.listing import Cursor, Limit, list_filters
+from service.api.schemas import GenerationPublic, Page
+from service.db import crud
+from service.db.tables import Generation
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=ERROR_RESPONSES)
+
+
+def _get_generation(session: Session, tenant_id: int, generation_id: str) -> Generation:
+    row = crud.get_generation(session, tenant_id=tenant_id, generation_id=generation_id)
+    if row is None:
+        raise NotFound(f"generation {generation_id!r} not found", param="generation_id")
+    return row
+
+
+@router.get("", response_model=Page[GenerationPublic])
+def read_generations(
+    caller: CallerDep,
+    session: SessionDep,
+    filters: Annotated[crud.Filters, Depends(list_filters)],
+    cursor: Cursor = None,
+    limit: Limit = 20,
+) -> Page[GenerationPublic]:
+    """The caller's generations, newest first, filtered."""
+    rows, has_more = crud.list_generations(
+        session, tenant_id=caller.tenant_id, filters=filters, cursor=cursor, limit=limit
+    )
+    return Page[GenerationPublic](
+        data=[GenerationPublic.from_row(row) for row in rows],
+        has_more=has_more,
+        next_cursor=rows[-1].id if has_more else None,
+    )
+
+
+@router.get("/{generation_id}", response_model=GenerationPublic)
+def read_generation(generation_id: str, caller: CallerDep, session: SessionDep) -> GenerationPublic:
+    """One generation."""
+    return GenerationPublic.from_row(_get_generation(session, caller.tenant_id, generation_id))
+
+
+@router.delete("/{generation_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_generation(generation_id: str, caller: WriterDep, session: SessionDep) -> None:
+    """Delete a generation's text and embeddings; search stops finding it at once."""
+    row = _get_generation(session, caller.tenant_id, generation_id)
+    crud.delete_generation(session, generation=row)
+    session.commit()

@@ -1,0 +1,181 @@
+"""Generation jobs: submit, read, list, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Response, status
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models.registry import REGISTRY
+from service.api.deps import CallerDep, PublisherDep, ServedModelsDep, SessionDep, WriterDep
+from service.api.errors import ERROR_RESPONSES, Conflict, InvalidRequest, NotFound
+from service.api.routes.listing import Cursor, Limit, list_filters
+from service.api.schemas import JobCreate, JobPublic, Page
+from service.db import crud
+from service.db.tables import Job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+
+
+def _resolve_params(job_in: JobCreate, served: tuple[str, ...]) -> dict[str, object]:
+    """The sampling params with the model's defaults filled in, checked against its limits."""
+    spec = REGISTRY.get(job_in.model)
+    if spec is None or job_in.model not in served or spec.task != "chat":
+        raise NotFound(
+            f"model {job_in.model!r} is not served here; served: {list(served)}",
+            param="model",
+            code="model_not_found",
+        )
+    params = job_in.params.model_dump()
+    if params["max_tokens"] is None:
+        params["max_tokens"] = spec.default_max_tokens
+    if params["max_tokens"] > spec.max_output_tokens:
+        raise InvalidRequest(
+            f"max_tokens {params['max_tokens']} is above the limit of {job_in.model!r} "
+            f"({spec.max_output_tokens})",
+            param="params.max_tokens",
+            code="max_tokens_too_large",
+        )
+    return params
+
+
+def _thread(session: Session, tenant_id: int, job_in: JobCreate) -> tuple[str | None, str | None]:
+    """(conversation id, parent generation id) of the new turn, checked for the tenant."""
+    if job_in.parent_generation_id:
+        parent = crud.get_generation(
+            session, tenant_id=tenant_id, generation_id=job_in.parent_generation_id
+        )
+        if parent is None:
+            raise NotFound(
+                f"generation {job_in.parent_generation_id!r} not found",
+                param="parent_generation_id",
+            )
+        return parent.conversation_id, parent.id
+    if job_in.conversation_id:
+        conversation = crud.get_conversation(
+            session, tenant_id=tenant_id, conversation_id=job_in.conversation_id
+        )
+        if conversation is None:
+            raise NotFound(
+                f"conversation {job_in.conversation_id!r} not found", param="conversation_id"
+            )
+        latest = crud.latest_generation(session, conversation_id=conversation.id)
+        return conversation.id, latest.id if latest else None
+    return None, None
+
+
+def _request_hash(job_in: JobCreate) -> str:
+    return hashlib.sha256(job_in.model_dump_json().encode()).hexdigest()
+
+
+def _replay(session: Session, tenant_id: int, key: str, request_hash: str) -> Job | None:
+    job = crud.get_job_by_idempotency_key(session, tenant_id=tenant_id, key=key)
+    if job is not None and job.request_hash != request_hash:
+        raise Conflict(
+            "this Idempotency-Key was used with a different request body",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return job
+
+
+@router.post("", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+def create_job(
+    job_in: JobCreate,
+    caller: WriterDep,
+    session: SessionDep,
+    publisher: PublisherDep,
+    served: ServedModelsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Submit a generation job; it is stored before it is queued."""
+    params = _resolve_params(job_in, served)
+    request_hash = _request_hash(job_in)
+    if idempotency_key and (
+        job := _replay(session, caller.tenant_id, idempotency_key, request_hash)
+    ):
+        return JobPublic.from_row(job)
+    conversation_id, parent_id = _thread(session, caller.tenant_id, job_in)
+    job = crud.create_job(
+        session,
+        tenant_id=caller.tenant_id,
+        model=job_in.model,
+        queue=job_in.queue,
+        input=job_in.input.model_dump(exclude_none=True),
+        params=params,
+        metadata=job_in.metadata,
+        conversation_id=conversation_id,
+        parent_generation_id=parent_id,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key committed first.
+        session.rollback()
+        assert idempotency_key is not None
+        replayed = _replay(session, caller.tenant_id, idempotency_key, request_hash)
+        assert replayed is not None
+        return JobPublic.from_row(replayed)
+    # Rule 2: write, then publish. A failed publish leaves the job to the sweeper.
+    if publisher.publish(job.id, job.queue):
+        crud.mark_published(session, job_id=job.id)
+        session.commit()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobPublic.from_row(job)
+
+
+def _get_job(session: Session, tenant_id: int, job_id: str) -> Job:
+    job = crud.get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found", param="job_id")
+    return job
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(job_id: str, caller: CallerDep, session: SessionDep) -> JobPublic:
+    """A job and its status."""
+    return JobPublic.from_row(_get_job(session, caller.tenant_id, job_id))
+
+
+@router.get("", response_model=Page[JobPublic])
+def read_jobs(
+    caller: CallerDep,
+    session: SessionDep,
+    filters: Annotated[crud.Filters, Depends(list_filters)],
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    cursor: Cursor = None,
+    limit: Limit = 20,
+) -> Page[JobPublic]:
+    """The caller's jobs, newest first, filtered."""
+    rows, has_more = crud.list_jobs(
+        session,
+        tenant_id=caller.tenant_id,
+        filters=replace(filters, status=status),
+        cursor=cursor,
+        limit=limit,
+    )
+    return Page[JobPublic](
+        data=[JobPublic.from_row(row) for row in rows],
+        has_more=has_more,
+        next_cursor=rows[-1].id if has_more else None,
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, caller: WriterDep, session: SessionDep) -> JobPublic:
+    """Cancel a queued job, or stop a running one at its next token."""
+    job = _get_job(session, caller.tenant_id, job_id)
+    if job.status in ("succeeded", "failed"):
+        raise Conflict(
+            f"job {job_id!r} has already {job.status}", param="job_id", code="job_finished"
+        )
+    job = crud.cancel_job(session, job=job)
+    session.commit()
+    return JobPublic.from_row(job)

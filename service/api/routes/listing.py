@@ -1,0 +1,41 @@
+"""Query parameters shared by the listing routes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Query
+
+from service.api.errors import InvalidRequest
+from service.db.crud import Filters
+
+
+def list_filters(
+    model: Annotated[str | None, Query(max_length=128)] = None,
+    tag: Annotated[list[str] | None, Query(description="Repeat to require several tags")] = None,
+    metadata: Annotated[
+        list[str] | None, Query(description="key=value on the metadata; repeatable")
+    ] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    conversation_id: Annotated[str | None, Query(max_length=40)] = None,
+) -> Filters:
+    pairs: dict[str, str] = {}
+    for item in metadata or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"metadata filter {item!r} is not key=value", param="metadata")
+        pairs[key] = value
+    return Filters(
+        model=model,
+        tags=tuple(tag or ()),
+        metadata=pairs,
+        created_after=created_after,
+        created_before=created_before,
+        conversation_id=conversation_id,
+    )
+
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+Cursor = Annotated[str | None, Query(max_length=40, description="next_cursor of the last page")]

@@ -1,0 +1,88 @@
+"""The broker side of the service: Celery configuration and publishing jobs by task name.
+
+The API never imports the worker's task code (DESIGN: service enqueues by task name).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import KombuError
+from sqlalchemy.exc import SQLAlchemyError
+
+logger = logging.getLogger("genserve.queue")
+
+RUN_JOB_TASK = "genserve.run_job"
+# Redis redelivers an unacknowledged message after the visibility timeout; it must be
+# longer than any job runs, or a long job is delivered twice (the claim in SQL still
+# stops the second run, but it wastes a worker slot).
+REDIS_VISIBILITY_TIMEOUT_S = 4 * 3600
+
+
+def prepare_embedded_broker(path: Path) -> None:
+    """Create the embedded broker's SQLite file in WAL mode (the mode persists in the file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=30) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+
+
+def celery_config(broker_url: str, *, default_queue: str = "interactive") -> dict[str, Any]:
+    """Celery settings shared by the API's publisher and the worker."""
+    transport_options: dict[str, Any] = {}
+    if broker_url.startswith("sqla+sqlite"):
+        # Passed to create_engine by kombu: the driver's timeout is SQLite's busy timeout.
+        transport_options = {"connect_args": {"timeout": 30}}
+    elif broker_url.startswith(("redis://", "rediss://")):
+        transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        # Job state and results live in SQL, not in a result backend.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": default_queue,
+        # Acknowledge after the result is stored; a lost worker's message is redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 3,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
+    }
+
+
+def make_celery(name: str, broker_url: str) -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(broker_url))
+    return app
+
+
+class JobPublisher:
+    """Publishes job ids to the broker; the job row is always committed first."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+
+    def publish(self, job_id: str, queue: str) -> bool:
+        """Send the job; False (logged) if the broker is unreachable: the sweeper retries."""
+        try:
+            self._app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        except (KombuError, OSError, SQLAlchemyError) as exc:
+            logger.warning("publishing job %s failed, the sweeper will retry: %s", job_id, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._app.close()

@@ -1,0 +1,70 @@
+"""The sweeper re-publishes lost jobs through a real broker (the embedded one)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from kombu import Connection
+from sqlalchemy import update
+
+from service.db import crud
+from service.db.session import make_engine, make_sessionmaker
+from service.db.tables import Job, utcnow
+from service.queue import JobPublisher, make_celery, prepare_embedded_broker
+from service.sweeper import sweep_once
+from tests.utils.factories import make_job, make_key
+
+
+def _queued_messages(broker_url: str, queue: str) -> list[str]:
+    """Drain the queue; returns the job ids of the messages in it."""
+    job_ids = []
+    with Connection(broker_url) as connection:
+        simple = connection.SimpleQueue(queue)
+        while True:
+            try:
+                message = simple.get(block=False)
+            except simple.Empty:
+                break
+            job_ids.append(message.payload[0][0])
+            message.ack()
+        simple.close()
+    return job_ids
+
+
+def test_sweeper_publishes_lost_and_expired_jobs(sqlite_url: str, tmp_path: Path) -> None:
+    broker_path = tmp_path / "broker.sqlite"
+    prepare_embedded_broker(broker_path)
+    broker_url = f"sqla+sqlite:///{broker_path}"
+    publisher = JobPublisher(make_celery("test", broker_url))
+    factory = make_sessionmaker(make_engine(sqlite_url))
+    with factory() as session:
+        tenant_id, _ = make_key(session)
+        never = make_job(session, tenant_id)
+        fresh = make_job(session, tenant_id)
+        crud.mark_published(session, job_id=fresh.id)
+        lost_worker = make_job(session, tenant_id)
+        assert crud.claim_job(session, job_id=lost_worker.id, lease_s=60)
+        gave_up = make_job(session, tenant_id)
+        past = utcnow() - timedelta(seconds=60)
+        session.execute(update(Job).where(Job.id == never.id).values(created_at=past))
+        session.execute(
+            update(Job)
+            .where(Job.id.in_([lost_worker.id, gave_up.id]))
+            .values(status="running", lease_expires_at=past)
+        )
+        session.execute(update(Job).where(Job.id == gave_up.id).values(attempts=3))
+        session.commit()
+
+        published = sweep_once(session, publisher, requeue_after_s=30, max_attempts=3)
+        assert published == 2
+        assert sorted(_queued_messages(broker_url, "interactive")) == sorted(
+            [never.id, lost_worker.id]
+        )
+        session.expire_all()
+        assert session.get(Job, lost_worker.id).status == "queued"  # type: ignore[union-attr]
+        failed = session.get(Job, gave_up.id)
+        assert failed is not None and failed.status == "failed" and "3 attempts" in failed.error
+        # A second sweep right away publishes nothing: each job backs off.
+        assert sweep_once(session, publisher, requeue_after_s=30, max_attempts=3) == 0
+    publisher.close()

@@ -1,0 +1,77 @@
+"""The worker's job function in-process, on a real database with real (tiny) models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from service.db import crud
+from service.db.session import make_engine, make_sessionmaker
+from service.db.tables import Embedding, Generation, Job
+from tests.utils.factories import make_job, make_key
+from workers.engine.runtime import ModelRuntime
+from workers.jobs import encode_job, run_generation_job
+
+EMBEDDER = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def runtime(model_cache_dir) -> ModelRuntime:  # noqa: ANN001
+    return ModelRuntime(cache_dir=model_cache_dir, device="cpu")
+
+
+def test_job_runs_once_and_stores_embeddings(sqlite_url: str, runtime: ModelRuntime) -> None:
+    factory = make_sessionmaker(make_engine(sqlite_url))
+    with factory() as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id, prompt="The moon and the tides", max_tokens=6)
+    first = run_generation_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
+    again = run_generation_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
+    assert first.status == "succeeded" and again.status == "skipped"
+    with factory() as session:
+        generation = session.scalar(select(Generation).where(Generation.job_id == job.id))
+        assert generation is not None and generation.id == first.generation_id
+        assert generation.completion_tokens >= 1
+        embeddings = session.scalars(
+            select(Embedding).where(Embedding.generation_id == generation.id)
+        ).all()
+        assert {e.kind for e in embeddings} <= {"prompt", "output"}
+        prompt_vector = next(e for e in embeddings if e.kind == "prompt")
+        vector = np.frombuffer(prompt_vector.vector, dtype=np.float32)
+        assert vector.shape == (384,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
+        assert session.get(Job, job.id).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_earlier_turns_are_given_to_the_model(sqlite_url: str, runtime: ModelRuntime) -> None:
+    factory = make_sessionmaker(make_engine(sqlite_url))
+    with factory() as session:
+        tenant_id, _ = make_key(session)
+        first = make_job(session, tenant_id, prompt="My name is Ann.")
+    outcome = run_generation_job(factory, runtime, first.id, lease_s=60, embedding_model=EMBEDDER)
+    with factory() as session:
+        second = make_job(
+            session,
+            tenant_id,
+            prompt="What is my name?",
+            parent=outcome.generation_id,
+            conversation_id=first.conversation_id,
+        )
+        history = crud.ancestors(session, generation_id=second.parent_generation_id)
+        model = runtime.chat_model("tiny-random-llama")
+        with_history = model.tokenizer.decode(encode_job(model, second, history))
+        alone = model.tokenizer.decode(encode_job(model, second, []))
+    assert "My name is Ann." in with_history and "What is my name?" in with_history
+    assert "My name is Ann." not in alone
+
+
+def test_input_too_long_fails_with_reason(sqlite_url: str, runtime: ModelRuntime) -> None:
+    factory = make_sessionmaker(make_engine(sqlite_url))
+    with factory() as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id, prompt="word " * 700)
+    outcome = run_generation_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
+    with factory() as session:
+        row = session.get(Job, job.id)
+    assert outcome.status == "failed"
+    assert row is not None and row.status == "failed" and row.error

@@ -1,0 +1,1 @@
+"""genserve workers: the Celery app, thin tasks, and the engines that run models."""

@@ -1,0 +1,52 @@
+"""What a worker process keeps for its lifetime: one engine, one runtime, plain settings."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings, get_settings
+from service.db.session import make_engine, make_sessionmaker
+from workers.engine.runtime import ModelRuntime
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    sessionmaker: sessionmaker[Session]
+    runtime: ModelRuntime
+    embedding_model: str
+    chat_models: tuple[str, ...]
+    lease_s: float
+
+
+_context: WorkerContext | None = None
+_lock = threading.Lock()
+
+
+def build_context(settings: Settings) -> WorkerContext:
+    return WorkerContext(
+        sessionmaker=make_sessionmaker(make_engine(settings.sqlalchemy_url)),
+        runtime=ModelRuntime(cache_dir=settings.models_dir, device=settings.device),
+        embedding_model=settings.embedding_model,
+        chat_models=tuple(settings.chat_models),
+        lease_s=settings.job_lease_s,
+    )
+
+
+def get_context() -> WorkerContext:
+    """This process's context, built on first use (after a prefork child is forked)."""
+    global _context
+    with _lock:
+        if _context is None:
+            _context = build_context(get_settings())
+        return _context
+
+
+def preload() -> None:
+    """Load the embedding model and every served chat model before the first job."""
+    context = get_context()
+    context.runtime.embedder(context.embedding_model)
+    for name in context.chat_models:
+        context.runtime.chat_model(name)

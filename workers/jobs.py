@@ -1,0 +1,175 @@
+"""What a generation job does, as plain functions the thin Celery task calls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.backends.causal_lm import CausalLM, GenerationOutput
+from models.registry import get_spec
+from service.db import crud
+from service.db.tables import Generation, Job, new_id
+from workers.engine.runtime import ModelRuntime
+
+logger = logging.getLogger("genserve.worker")
+
+CANCEL_POLL_S = 0.5
+
+
+def turn_messages(turn_input: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages a stored input adds: a prompt is one user turn."""
+    if "messages" in turn_input:
+        return [{"role": m["role"], "content": m["content"]} for m in turn_input["messages"]]
+    return [{"role": "user", "content": turn_input["prompt"]}]
+
+
+def turn_text(turn_input: dict[str, Any]) -> str:
+    if "messages" in turn_input:
+        return str(turn_input["messages"][-1]["content"])
+    return str(turn_input["prompt"])
+
+
+def encode_job(model: CausalLM, job: Job, history: list[Generation]) -> list[int]:
+    """Token ids of the job's input after the earlier turns of its conversation."""
+    if job.input.get("raw"):
+        earlier = "".join(turn.prompt + turn.output for turn in history)
+        return model.encode_prompt(earlier + job.input["prompt"])
+    messages: list[dict[str, str]] = []
+    for turn in history:
+        messages += turn_messages(turn.input)
+        messages.append({"role": "assistant", "content": turn.output})
+    return model.encode_chat(messages + turn_messages(job.input))
+
+
+class CancelWatch:
+    """A cheap should_cancel: asks SQL at most every CANCEL_POLL_S, renewing the lease."""
+
+    def __init__(self, factory: sessionmaker[Session], job_id: str, lease_s: float) -> None:
+        self._factory = factory
+        self._job_id = job_id
+        self._lease_s = lease_s
+        self._next_check = time.monotonic() + CANCEL_POLL_S
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self.cancelled and now >= self._next_check:
+            self._next_check = now + CANCEL_POLL_S
+            with self._factory() as session:
+                self.cancelled = crud.renew_lease(
+                    session, job_id=self._job_id, lease_s=self._lease_s
+                )
+        return self.cancelled
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "succeeded" | "failed" | "cancelled" | "skipped"
+    generation_id: str | None = None
+
+
+def _embed(runtime: ModelRuntime, model_name: str, texts: dict[str, str]) -> dict[str, bytes]:
+    kinds = [kind for kind, text in texts.items() if text.strip()]
+    vectors = runtime.embedder(model_name).encode([texts[k] for k in kinds])
+    return {
+        kind: np.asarray(v, dtype=np.float32).tobytes()
+        for kind, v in zip(kinds, vectors, strict=True)
+    }
+
+
+def _generation_row(
+    job: Job, out: GenerationOutput, model: CausalLM, generate_s: float
+) -> Generation:
+    assert job.started_at is not None
+    return Generation(
+        id=new_id("gen"),
+        tenant_id=job.tenant_id,
+        job_id=job.id,
+        conversation_id=job.conversation_id,
+        parent_id=job.parent_generation_id,
+        model=job.model,
+        model_version=get_spec(job.model).version,
+        input=job.input,
+        prompt=turn_text(job.input),
+        # A model may emit U+0000, which PostgreSQL text cannot store.
+        output=out.text.replace("\x00", "\ufffd"),
+        params=job.params,
+        meta=job.meta,
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        finish_reason=out.finish_reason,
+        timings={
+            "queue_s": round((job.started_at - job.created_at).total_seconds(), 4),
+            "generate_s": round(generate_s, 4),
+            "tokens_per_s": round(out.completion_tokens / generate_s, 2) if generate_s else None,
+            "device": model.device,
+        },
+    )
+
+
+def run_generation_job(
+    factory: sessionmaker[Session],
+    runtime: ModelRuntime,
+    job_id: str,
+    *,
+    lease_s: float,
+    embedding_model: str,
+) -> Outcome:
+    """Claim the job, generate, and store the result with its embeddings in one transaction."""
+    with factory() as session:
+        job = crud.claim_job(session, job_id=job_id, lease_s=lease_s)
+        if job is None:
+            return Outcome("skipped")  # done, cancelled, or running elsewhere
+        history = crud.ancestors(session, generation_id=job.parent_generation_id)
+        model = runtime.chat_model(job.model)
+        params = job.params
+        watch = CancelWatch(factory, job.id, lease_s)
+        started = time.perf_counter()
+        try:
+            out = model.generate(
+                encode_job(model, job, history),
+                max_new_tokens=params["max_tokens"],
+                temperature=params["temperature"],
+                top_p=params["top_p"],
+                seed=params["seed"],
+                stop=params["stop"],
+                should_cancel=watch,
+            )
+        except ValueError as exc:  # the input does not fit the model (too long, say)
+            error = f"the input does not fit {job.model} (context {model.context_length}): {exc}"
+            crud.finish_job(session, job_id=job.id, status="failed", error=error)
+            session.commit()
+            return Outcome("failed")
+        generate_s = time.perf_counter() - started
+        if out.finish_reason == "cancelled":
+            crud.finish_job(session, job_id=job.id, status="cancelled")
+            session.commit()
+            return Outcome("cancelled")
+        generation = _generation_row(job, out, model, generate_s)
+        vectors = _embed(
+            runtime, embedding_model, {"prompt": generation.prompt, "output": generation.output}
+        )
+        spec = get_spec(embedding_model)
+        assert spec.dimension is not None
+        stored = crud.store_generation(
+            session,
+            job=job,
+            generation=generation,
+            vectors=vectors,
+            model=embedding_model,
+            dimension=spec.dimension,
+        )
+        session.commit()
+        return Outcome("succeeded", generation.id) if stored else Outcome("skipped")
+
+
+def fail_job(factory: sessionmaker[Session], job_id: str, error: str) -> None:
+    """Record an unexpected failure on a running job (the task's failure hook)."""
+    with factory() as session:
+        crud.finish_job(session, job_id=job_id, status="failed", error=error[:2000])
+        session.commit()

@@ -1,0 +1,65 @@
+"""Celery tasks: ids in, one function of workers.jobs called. Logic lives there."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init, worker_ready
+from sqlalchemy.exc import OperationalError
+
+from service.queue import RUN_JOB_TASK
+from workers import jobs
+from workers.app import app
+from workers.context import get_context, preload
+
+logger = logging.getLogger("genserve.worker")
+
+
+class JobTask(Task):
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        # The one place an unexpected error ends a job: it fails with its reason and the
+        # worker goes on serving.
+        job_id = args[0] if args else kwargs.get("job_id")
+        logger.error("job %s failed: %r", job_id, exc, exc_info=exc)
+        jobs.fail_job(get_context().sessionmaker, job_id, f"{type(exc).__name__}: {exc}")
+
+
+@app.task(
+    name=RUN_JOB_TASK,
+    base=JobTask,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    # The database going away is worth waiting for; the claim makes a retry safe.
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=10,
+)
+def run_job(job_id: str) -> str:
+    context = get_context()
+    outcome = jobs.run_generation_job(
+        context.sessionmaker,
+        context.runtime,
+        job_id,
+        lease_s=context.lease_s,
+        embedding_model=context.embedding_model,
+    )
+    logger.info("job %s: %s", job_id, outcome.status)
+    return outcome.status
+
+
+@worker_process_init.connect
+def _preload_in_child(**_: Any) -> None:
+    preload()
+
+
+@worker_ready.connect
+def _preload_in_main(sender: Any = None, **_: Any) -> None:
+    # solo and threads pools run tasks in the main process; prefork children load their own.
+    pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
+    if "prefork" not in pool:
+        preload()
