@@ -94,7 +94,8 @@ class Settings(BaseSettings):
 
     @property
     def celery_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.embedded_broker_path}"
+        # The scheme names service.queue's EmbeddedTransport (kombu's SQLAlchemy transport).
+        return self.broker_url or f"gsqla+sqlite:///{self.embedded_broker_path}"
 
     @property
     def embedded_broker_path(self) -> Path:

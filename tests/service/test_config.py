@@ -11,7 +11,7 @@ from service.config import Settings
 def test_embedded_defaults(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, _env_file=None)
     assert settings.sqlalchemy_url == f"sqlite:///{tmp_path.resolve() / 'genserve.sqlite'}"
-    assert settings.celery_broker_url.startswith("sqla+sqlite:///")
+    assert settings.celery_broker_url.startswith("gsqla+sqlite:///")
     assert settings.uses_embedded_broker
     assert settings.models_dir == tmp_path.resolve() / "models"
 

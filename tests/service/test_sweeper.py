@@ -11,7 +11,12 @@ from sqlalchemy import update
 from service.db import crud
 from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import Job, utcnow
-from service.queue import JobPublisher, make_celery, prepare_embedded_broker
+from service.queue import (
+    JobPublisher,
+    embedded_broker_url,
+    make_celery,
+    prepare_embedded_broker,
+)
 from service.sweeper import sweep_once
 from tests.utils.factories import make_job, make_key
 
@@ -35,7 +40,7 @@ def _queued_messages(broker_url: str, queue: str) -> list[str]:
 def test_sweeper_publishes_lost_and_expired_jobs(sqlite_url: str, tmp_path: Path) -> None:
     broker_path = tmp_path / "broker.sqlite"
     prepare_embedded_broker(broker_path)
-    broker_url = f"sqla+sqlite:///{broker_path}"
+    broker_url = embedded_broker_url(broker_path)
     publisher = JobPublisher(make_celery("test", broker_url))
     factory = make_sessionmaker(make_engine(sqlite_url))
     with factory() as session:
