@@ -37,16 +37,23 @@ def migrate() -> None:
     typer.echo(f"database is up to date: {settings.sqlalchemy_url.split('@')[-1]}")
 
 
-def _create_key(settings: Settings, tenant: str, role: str, name: str) -> str:
+def _create_key(
+    settings: Settings, tenant: str, role: str, name: str, *, only_if_none: bool = False
+) -> str | None:
+    """Create a key and return its plaintext; with only_if_none, only when no key exists."""
     from service.db import crud
     from service.db.session import make_engine, make_sessionmaker
 
     engine = make_engine(settings.sqlalchemy_url)
-    with make_sessionmaker(engine)() as session:
-        _, plaintext = crud.create_api_key(session, tenant_name=tenant, role=role, name=name)
-        session.commit()
-    engine.dispose()
-    return plaintext
+    try:
+        with make_sessionmaker(engine)() as session:
+            if only_if_none and crud.count_api_keys(session):
+                return None
+            _, plaintext = crud.create_api_key(session, tenant_name=tenant, role=role, name=name)
+            session.commit()
+            return plaintext
+    finally:
+        engine.dispose()
 
 
 @keys_app.command("create")
@@ -61,6 +68,7 @@ def keys_create(
     if not tenant.strip() or len(tenant) > 64:
         raise typer.BadParameter("tenant must be 1 to 64 characters")
     plaintext = _create_key(get_settings(), tenant, role, name)
+    assert plaintext is not None
     typer.echo(f"created a {role} key for tenant {tenant!r}; it is shown once:")
     typer.echo(plaintext)
 
@@ -116,19 +124,11 @@ def worker(
 
 def _bootstrap_admin_key(settings: Settings) -> str | None:
     """On the very first start, make an admin key and keep a copy readable only by you."""
-    from service.db import crud
-    from service.db.session import make_engine, make_sessionmaker
-
-    engine = make_engine(settings.sqlalchemy_url)
-    with make_sessionmaker(engine)() as session:
-        if crud.count_api_keys(session):
-            engine.dispose()
-            return None
-    engine.dispose()
-    plaintext = _create_key(settings, "default", "admin", "first start")
-    path = settings.resolved_data_dir / ADMIN_KEY_FILE
-    path.write_text(plaintext + "\n")
-    path.chmod(0o600)
+    plaintext = _create_key(settings, "default", "admin", "first start", only_if_none=True)
+    if plaintext is not None:
+        path = settings.resolved_data_dir / ADMIN_KEY_FILE
+        path.touch(mode=0o600)
+        path.write_text(plaintext + "\n")
     return plaintext
 
 

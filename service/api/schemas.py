@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -212,6 +213,15 @@ class Page(BaseModel, Generic[T]):
     data: list[T]
     has_more: bool
     next_cursor: str | None
+
+    @classmethod
+    def of(cls, rows: list[Any], has_more: bool, convert: Callable[[Any], T]) -> Page[T]:
+        """A page of rows, newest first; the cursor is the last id when more follow."""
+        return cls(
+            data=[convert(row) for row in rows],
+            has_more=has_more,
+            next_cursor=rows[-1].id if has_more else None,
+        )
 
 
 class ConversationPublic(BaseModel):

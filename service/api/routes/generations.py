@@ -36,11 +36,7 @@ def read_generations(
     rows, has_more = crud.list_generations(
         session, tenant_id=caller.tenant_id, filters=filters, cursor=cursor, limit=limit
     )
-    return Page[GenerationPublic](
-        data=[GenerationPublic.from_row(row) for row in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more else None,
-    )
+    return Page[GenerationPublic].of(rows, has_more, GenerationPublic.from_row)
 
 
 @router.get("/{generation_id}", response_model=GenerationPublic)

@@ -161,11 +161,7 @@ def read_jobs(
         cursor=cursor,
         limit=limit,
     )
-    return Page[JobPublic](
-        data=[JobPublic.from_row(row) for row in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more else None,
-    )
+    return Page[JobPublic].of(rows, has_more, JobPublic.from_row)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
