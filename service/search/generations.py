@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +41,11 @@ def search_generations(
     index.catch_up(session)
     matched: dict[int, tuple[str, str]] = {}
 
-    def accept(ids: object) -> set[int]:
+    def accept(ids: Sequence[int]) -> set[int]:
         visible = crud.generations_for_embeddings(
             session,
             tenant_id=tenant_id,
-            embedding_ids=list(ids),  # type: ignore[call-overload]
+            embedding_ids=ids,
             kinds=kinds,
             filters=filters,
         )

@@ -78,24 +78,22 @@ def test_result_is_stored_once(db_url: str) -> None:
         claimed = crud.claim_job(session, job_id=job.id, lease_s=60)
         assert claimed is not None
         vectors = {"prompt": b"\x00" * 16}
-        assert crud.store_generation(
-            session,
-            job=claimed,
-            generation=_generation(claimed),
-            vectors=vectors,
-            model="m",
-            dimension=4,
-        )
-        session.commit()
-        assert not crud.store_generation(
-            session,
-            job=claimed,
-            generation=_generation(claimed),
-            vectors=vectors,
-            model="m",
-            dimension=4,
-        )
-        session.commit()
+
+        def store() -> bool:
+            assert claimed is not None
+            stored = crud.store_generation(
+                session,
+                job=claimed,
+                generation=_generation(claimed),
+                vectors=vectors,
+                model="m",
+                dimension=4,
+            )
+            session.commit()
+            return stored
+
+        assert store()
+        assert not store()
         count = session.scalars(select(Generation).where(Generation.job_id == job.id)).all()
         assert len(count) == 1
 
