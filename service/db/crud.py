@@ -445,28 +445,16 @@ def requeue_job(session: Session, *, job: Job, max_attempts: int) -> bool:
     same_state = and_(
         Job.id == job.id, Job.status == job.status, Job.publish_count == job.publish_count
     )
-    if job.attempts >= max_attempts:
-        result = session.execute(
-            update(Job)
-            .where(same_state)
-            .values(
-                status="failed",
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                error=f"gave up after {job.attempts} attempts (worker lost or timed out)",
-            )
-        )
-        session.commit()
-        return False
-    result = session.execute(
-        update(Job)
-        .where(same_state)
-        .values(
-            status="queued",
-            published_at=utcnow(),
-            publish_count=Job.publish_count + 1,
-            lease_expires_at=None,
-        )
+    exhausted = job.attempts >= max_attempts
+    values: dict[str, Any] = (
+        {
+            "status": "failed",
+            "finished_at": utcnow(),
+            "error": f"gave up after {job.attempts} attempts (worker lost or timed out)",
+        }
+        if exhausted
+        else {"status": "queued", "published_at": utcnow(), "publish_count": job.publish_count + 1}
     )
+    result = session.execute(update(Job).where(same_state).values(lease_expires_at=None, **values))
     session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return not exhausted and result.rowcount == 1  # type: ignore[attr-defined]
