@@ -53,7 +53,13 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=600.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
 
+    # The search index (service/search): written after this many changes (or 5% of it),
+    # one shard per tenant, exact below the IVF threshold, IVF above it.
     index_persist_every: int = Field(default=1000, ge=1)
+    index_ivf_threshold: int = Field(default=50_000, ge=1)
+    index_ivf_encoding: Literal["flat", "sq8"] = "flat"
+    index_nprobe: int | None = Field(default=None, ge=1)
+    index_maintain_interval_s: float = Field(default=1.0, gt=0)
 
     @field_validator("chat_models", "worker_queues", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from service.db.session import make_engine, make_sessionmaker
 from service.queue import JobPublisher, make_celery, prepare_embedded_broker
 from service.search.embedder import LazyEmbedder
 from service.search.index import VectorIndex
+from service.search.shards import ShardPolicy
 from service.sweeper import Sweeper
 
 logger = logging.getLogger("genserve.api")
@@ -37,9 +38,16 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             dimension=spec.dimension,
             directory=settings.index_dir,
             persist_every=settings.index_persist_every,
+            policy=ShardPolicy(
+                ivf_threshold=settings.index_ivf_threshold,
+                encoding=settings.index_ivf_encoding,
+                nprobe=settings.index_nprobe,
+            ),
         )
-        with factory() as session:
-            index.open(session)
+        # A sound index file loads here; a rebuild from SQL runs in the index's thread
+        # while the API serves (vector search answers 503 until it is done).
+        index.open(factory, build=False)
+        index.start(factory, interval_s=settings.index_maintain_interval_s)
         sweeper = Sweeper(
             factory,
             publisher,
@@ -59,7 +67,7 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             yield
         finally:
             sweeper.stop()
-            index.persist()
+            index.close()
             publisher.close()
             engine.dispose()
 

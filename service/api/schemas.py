@@ -239,13 +239,35 @@ class SearchFilters(Strict):
     created_after: datetime | None = None
     created_before: datetime | None = None
     conversation_id: str | None = None
+    min_feedback_score: float | None = None
+
+
+class SearchWeights(Strict):
+    """Hybrid search: each ranking adds weight / (rrf_k + rank) to a generation's score."""
+
+    vector: float = Field(default=1.0, ge=0, le=100)
+    keyword: float = Field(default=1.0, ge=0, le=100)
+    rrf_k: int = Field(default=60, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> SearchWeights:
+        if self.vector == 0 and self.keyword == 0:
+            raise ValueError("at least one of the vector and keyword weights must be above 0")
+        return self
+
+
+SearchMode = Literal["vector", "keyword", "hybrid"]
+MAX_SEARCH_DEPTH = 1000  # a cursor pages through at most this many results
 
 
 class SearchRequest(Strict):
     query: Text = Field(min_length=1, max_length=8192)
+    mode: SearchMode = "hybrid"
     k: int = Field(default=10, ge=1, le=100)
     target: Target = "both"
     filters: SearchFilters = Field(default_factory=SearchFilters)
+    weights: SearchWeights = Field(default_factory=SearchWeights)
+    cursor: str | None = Field(default=None, max_length=512)
 
     @field_validator("query")
     @classmethod
@@ -255,16 +277,35 @@ class SearchRequest(Strict):
         return value
 
 
+class ScorePart(BaseModel):
+    score: float
+    rank: int
+
+
+class SearchScores(BaseModel):
+    vector: ScorePart | None = None  # cosine similarity of the embeddings
+    keyword: ScorePart | None = None  # BM25 (SQLite) or ts_rank (PostgreSQL)
+
+
+class SnippetPublic(BaseModel):
+    text: str
+    highlights: list[tuple[int, int]]  # [start, end) character ranges into text
+
+
 class SearchHit(BaseModel):
     score: float
-    matched: Literal["prompt", "output"]
+    scores: SearchScores
+    matched: Literal["prompt", "output"] | None
+    snippets: dict[str, SnippetPublic]
     generation: GenerationPublic
 
 
 class SearchResponse(BaseModel):
     object: Literal["list"] = "list"
-    model: str
+    model: str | None  # the embedding model, in vector and hybrid modes
+    mode: SearchMode
     data: list[SearchHit]
+    next_cursor: str | None = None
 
 
 class Health(BaseModel):

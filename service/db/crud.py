@@ -41,6 +41,22 @@ class Filters:
     created_after: datetime | None = None
     created_before: datetime | None = None
     conversation_id: str | None = None
+    min_feedback_score: float | None = None  # generations only
+
+    @property
+    def narrows_generations(self) -> bool:
+        """Whether these filters leave out some of a tenant's generations."""
+        return any(
+            (
+                self.model,
+                self.tags,
+                self.metadata,
+                self.created_after,
+                self.created_before,
+                self.conversation_id,
+                self.min_feedback_score is not None,
+            )
+        )
 
 
 # --- tenants and keys ------------------------------------------------------------------
@@ -112,7 +128,7 @@ def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
     return exists(select(1).select_from(tags).where(tags.c.value == tag))
 
 
-def _filter_clauses(
+def filter_clauses(
     table: type[Job] | type[Generation], filters: Filters, dialect: str
 ) -> list[ColumnElement[bool]]:
     clauses: list[ColumnElement[bool]] = []
@@ -128,6 +144,10 @@ def _filter_clauses(
     clauses.extend(
         _json_value_matches(table.meta, key, value) for key, value in filters.metadata.items()
     )
+    if filters.min_feedback_score is not None:
+        if table is not Generation:
+            raise ValueError("min_feedback_score filters generations only")
+        clauses.append(Generation.feedback_score >= filters.min_feedback_score)
     return clauses
 
 
@@ -199,7 +219,7 @@ def list_jobs(
     session: Session, *, tenant_id: int, filters: Filters, cursor: str | None, limit: int
 ) -> tuple[list[Job], bool]:
     query = select(Job).where(Job.tenant_id == tenant_id)
-    query = query.where(*_filter_clauses(Job, filters, _dialect(session)))
+    query = query.where(*filter_clauses(Job, filters, _dialect(session)))
     if filters.status:
         query = query.where(Job.status == filters.status)
     return _page(session, query, Job, cursor, limit)
@@ -241,7 +261,7 @@ def list_generations(
     session: Session, *, tenant_id: int, filters: Filters, cursor: str | None, limit: int
 ) -> tuple[list[Generation], bool]:
     query = select(Generation).where(Generation.tenant_id == tenant_id)
-    query = query.where(*_filter_clauses(Generation, filters, _dialect(session)))
+    query = query.where(*filter_clauses(Generation, filters, _dialect(session)))
     return _page(session, query, Generation, cursor, limit)
 
 
@@ -250,7 +270,10 @@ def delete_generation(session: Session, *, generation: Generation) -> None:
     embeddings = session.execute(
         select(Embedding.id, Embedding.model).where(Embedding.generation_id == generation.id)
     ).all()
-    session.add_all(EmbeddingDeletion(embedding_id=eid, model=model) for eid, model in embeddings)
+    session.add_all(
+        EmbeddingDeletion(embedding_id=eid, model=model, tenant_id=generation.tenant_id)
+        for eid, model in embeddings
+    )
     session.execute(delete(Embedding).where(Embedding.generation_id == generation.id))
     session.delete(generation)
     session.flush()
@@ -313,10 +336,35 @@ def generations_for_embeddings(
             Embedding.id.in_(list(embedding_ids)),
             Embedding.tenant_id == tenant_id,
             Embedding.kind.in_(list(kinds)),
-            *_filter_clauses(Generation, filters, _dialect(session)),
+            *filter_clauses(Generation, filters, _dialect(session)),
         )
     )
     return {eid: (gid, kind) for eid, gid, kind in session.execute(query)}
+
+
+def embedding_ids_matching(
+    session: Session,
+    *,
+    tenant_id: int,
+    model: str,
+    kinds: Sequence[str],
+    filters: Filters,
+    limit: int,
+) -> list[int] | None:
+    """Ids of the tenant's embeddings whose generation passes filters; None if over limit."""
+    query = (
+        select(Embedding.id)
+        .join(Generation, Generation.id == Embedding.generation_id)
+        .where(
+            Embedding.tenant_id == tenant_id,
+            Embedding.model == model,
+            Embedding.kind.in_(list(kinds)),
+            *filter_clauses(Generation, filters, _dialect(session)),
+        )
+        .limit(limit + 1)
+    )
+    ids = list(session.scalars(query))
+    return ids if len(ids) <= limit else None
 
 
 def get_generations(session: Session, *, ids: Sequence[str]) -> dict[str, Generation]:

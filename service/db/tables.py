@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -164,7 +165,11 @@ class Generation(Base):
     finish_reason: Mapped[str] = mapped_column(String(16))
     # queue_s, generate_s, tokens_per_s, device
     timings: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    # The mean score of the feedback given on this generation, and how many gave it.
+    feedback_score: Mapped[float | None] = mapped_column(Float)
+    feedback_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Keyword search columns live outside the ORM, per dialect (migration 0002).
 
     job: Mapped[Job] = relationship(back_populates="generation")
 
@@ -203,4 +208,6 @@ class EmbeddingDeletion(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     embedding_id: Mapped[int] = mapped_column(BigInteger)
     model: Mapped[str] = mapped_column(String(128))
+    # Which tenant's shard holds the vector; None on rows logged before migration 0002.
+    tenant_id: Mapped[int | None] = mapped_column(BigInteger)
     deleted_at: Mapped[datetime] = mapped_column(default=utcnow)

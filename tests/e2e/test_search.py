@@ -28,10 +28,14 @@ def indexed(live: Live) -> dict[str, str]:
         return {p: wait_for_job(client, job["id"])["generation_id"] for p, job in jobs.items()}
 
 
-def search(client, query: str, **kwargs) -> list[dict]:  # noqa: ANN001
+def search_page(client, query: str, **kwargs) -> dict:  # noqa: ANN001
     response = client.post("/v1/search", json={"query": query, **kwargs})
     assert response.status_code == 200, response.text
-    return response.json()["data"]
+    return response.json()
+
+
+def search(client, query: str, **kwargs) -> list[dict]:  # noqa: ANN001
+    return search_page(client, query, **kwargs)["data"]
 
 
 def test_search_finds_a_paraphrase(live: Live, indexed: dict[str, str]) -> None:
@@ -60,6 +64,59 @@ def test_filters_apply_inside_search(live: Live, indexed: dict[str, str]) -> Non
         some = search(client, "volcano", k=100, filters={"tags": ["search"]})
     assert none == []
     assert {h["generation"]["id"] for h in some} >= set(indexed.values())
+
+
+def test_keyword_mode_ranks_by_words_and_highlights_them(
+    live: Live, indexed: dict[str, str]
+) -> None:
+    with live.service.client(live.reader) as client:
+        page = search_page(client, "tomato sauce", mode="keyword", target="prompt")
+        nothing = search(client, "xylophone", mode="keyword")
+    assert page["mode"] == "keyword" and page["model"] is None
+    top = page["data"][0]
+    assert top["generation"]["id"] == indexed[PROMPTS[1]]
+    assert top["scores"]["keyword"]["rank"] == 1 and top["scores"]["vector"] is None
+    snippet = top["snippets"]["prompt"]
+    marked = [snippet["text"][start:end].lower() for start, end in snippet["highlights"]]
+    assert marked == ["tomato", "sauce"]
+    assert nothing == []
+
+
+def test_hybrid_hits_carry_both_parts_and_a_cursor_pages_through(
+    live: Live, indexed: dict[str, str]
+) -> None:
+    body = {"query": "volcano pasta bicycle puppy", "k": 3, "filters": {"tags": ["search"]}}
+    with live.service.client(live.reader) as client:
+        first = search_page(client, **body)
+        assert first["mode"] == "hybrid" and first["next_cursor"]
+        second = search_page(client, **body, cursor=first["next_cursor"])
+        changed = client.post(
+            "/v1/search", json={**body, "query": "other words", "cursor": first["next_cursor"]}
+        )
+        garbled = client.post("/v1/search", json={**body, "cursor": "not-a-cursor"})
+    assert second["next_cursor"] is None
+    pages = [hit["generation"]["id"] for hit in first["data"] + second["data"]]
+    assert sorted(pages) == sorted(indexed.values())  # each once, across the two pages
+    assert first["data"][0]["scores"]["vector"] and first["data"][0]["scores"]["keyword"]
+    for response in (changed, garbled):
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "cursor"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"query": "x", "mode": "fuzzy"}, "mode"),
+        ({"query": "x", "weights": {"vector": 0, "keyword": 0}}, "weights"),
+        ({"query": "x", "weights": {"vector": -1}}, "weights.vector"),
+        ({"query": "x", "filters": {"min_feedback_score": "high"}}, "filters.min_feedback_score"),
+    ],
+)
+def test_bad_search_requests_name_the_field(live: Live, body: dict, param: str) -> None:
+    with live.service.client(live.reader) as client:
+        response = client.post("/v1/search", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
 
 
 def test_deleted_generation_is_not_found(live: Live) -> None:

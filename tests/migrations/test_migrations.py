@@ -11,6 +11,7 @@ from sqlalchemy import inspect
 from service.db.migrate import alembic_config, downgrade, upgrade
 from service.db.session import make_engine
 from service.db.tables import Base
+from service.search.keyword import KEYWORD_COLUMNS, KEYWORD_INDEXES, KEYWORD_TABLE_PREFIX
 
 TABLES = {
     "tenants",
@@ -31,11 +32,21 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
+def _outside_the_orm(obj: object, name: str | None, type_: str, *_: object) -> bool:
+    """The keyword-search objects of migration 0002 are per dialect, not ORM tables."""
+    if type_ == "table":
+        return not (name or "").startswith(KEYWORD_TABLE_PREFIX)
+    if type_ == "column":
+        return name not in KEYWORD_COLUMNS
+    return not (type_ == "index" and name in KEYWORD_INDEXES)
+
+
 def _diff(url: str) -> list[object]:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            opts = {"compare_type": True, "include_object": _outside_the_orm}
+            context = MigrationContext.configure(connection, opts=opts)
             return list(compare_metadata(context, Base.metadata))
     finally:
         engine.dispose()
@@ -47,7 +58,7 @@ def test_upgrade_matches_tables_and_downgrade_reverses(db_url: str) -> None:
     assert _diff(db_url) == []
     head = ScriptDirectory.from_config(alembic_config(db_url)).get_current_head()
     assert head is not None
-    downgrade(db_url, "-1")
+    downgrade(db_url, "base")
     assert not (TABLES & _tables(db_url))
     upgrade(db_url)
     assert TABLES <= _tables(db_url)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import Embedding, EmbeddingDeletion, Generation, Job, Tenant, new_id
-from service.search.index import Manifest, VectorIndex
+from service.search import index as index_module
+from service.search.index import IndexNotReady, Manifest, VectorIndex
+from service.search.shards import FLAT, IVF, ShardPolicy
 
 DIM = 64
 MODEL = "org/mini-lm:v1"  # characters that are unsafe in a file name, on purpose
@@ -216,12 +219,20 @@ def tenant_filter(session: Session, tenant_id: int) -> Callable[[Sequence[int]],
     return accept
 
 
-def opened(corpus: Corpus, directory: Path, persist_every: int = 1000) -> VectorIndex:
+def opened(
+    corpus: Corpus,
+    directory: Path,
+    persist_every: int = 1000,
+    policy: ShardPolicy | None = None,
+) -> VectorIndex:
     index = VectorIndex(
-        model=MODEL, dimension=DIM, directory=directory, persist_every=persist_every
+        model=MODEL,
+        dimension=DIM,
+        directory=directory,
+        persist_every=persist_every,
+        policy=policy,
     )
-    with corpus.factory() as session:
-        index.open(session)
+    index.open(corpus.factory)
     return index
 
 
@@ -325,21 +336,23 @@ def test_persist_and_reopen_loads_the_file(
     assert_matches_table(reopened, corpus)
 
 
-def test_catch_up_persists_every_n_changes(
+def test_maintain_persists_once_enough_changed(
     sqlite_db: sessionmaker[Session], tmp_path: Path
 ) -> None:
     corpus = build_corpus(sqlite_db)
     index = opened(corpus, tmp_path, persist_every=10)
     before = Manifest.from_json(index.manifest_path.read_text())
     rng = np.random.default_rng(5)
-    for count in (4, 8):
+    # A large index is written once 5% of it changed (75 of 1504 rows here), not every 10.
+    for count, written in ((40, False), (40, True)):
         with sqlite_db() as session:
             corpus.add(session, corpus.big, unit_vectors(rng, count))
             session.commit()
-            index.catch_up(session)
-    after = Manifest.from_json(index.manifest_path.read_text())
+        index.maintain(sqlite_db)
+        after = Manifest.from_json(index.manifest_path.read_text())
+        assert (after != before) is written
     assert before.last_id < after.last_id == index.last_id
-    assert after.count == before.count + 12 == index.ntotal
+    assert after.count == before.count + 80 == index.ntotal
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -353,7 +366,11 @@ def _truncate(path: Path) -> None:
 
 
 def _garble_manifest(path: Path) -> None:
-    path.with_name(path.name.replace(".faiss", ".manifest.json")).write_text("{not json")
+    (path.parent / "manifest.json").write_text("{not json")
+
+
+def _largest_shard_file(index: VectorIndex) -> Path:
+    return max(index.directory.glob("*.faiss"), key=lambda path: path.stat().st_size)
 
 
 @pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _garble_manifest, Path.unlink])
@@ -362,13 +379,15 @@ def test_damaged_or_missing_file_is_rebuilt(
 ) -> None:
     corpus = build_corpus(sqlite_db)
     first = opened(corpus, tmp_path)
-    damage(first.index_path)
+    first.close()
+    damage(_largest_shard_file(first))
     with sqlite_db() as session:
         corpus.add(session, corpus.small, unit_vectors(np.random.default_rng(11), 3))
         session.commit()
     reopened = opened(corpus, tmp_path)
     assert reopened.rebuilt
     assert_matches_table(reopened, corpus)
+    reopened.close()
     assert not opened(corpus, tmp_path).rebuilt  # the rebuild was persisted
 
 
@@ -378,7 +397,7 @@ def test_damaged_or_missing_file_is_rebuilt(
         ("model", "another-model"),
         ("dimension", 32),
         ("index_type", "HNSW32"),
-        ("format_version", 2),
+        ("format_version", 3),
     ],
 )
 def test_manifest_for_another_index_is_rebuilt(
@@ -386,6 +405,7 @@ def test_manifest_for_another_index_is_rebuilt(
 ) -> None:
     corpus = build_corpus(sqlite_db)
     first = opened(corpus, tmp_path)
+    first.close()
     manifest = json.loads(first.manifest_path.read_text())
     first.manifest_path.write_text(json.dumps({**manifest, key: value}))
     reopened = opened(corpus, tmp_path)
@@ -397,10 +417,9 @@ def test_index_of_another_dimension_is_rebuilt(
     sqlite_db: sessionmaker[Session], tmp_path: Path
 ) -> None:
     corpus = build_corpus(sqlite_db)
-    opened(corpus, tmp_path)
+    opened(corpus, tmp_path).close()
     index = VectorIndex(model=MODEL, dimension=32, directory=tmp_path)
-    with sqlite_db() as session:
-        index.open(session)
+    index.open(sqlite_db)
     # The rows are 64-dimensional: none fits, and each is skipped rather than mis-read.
     assert index.rebuilt and index.ntotal == 0
 
@@ -417,10 +436,10 @@ def test_search_rejects_bad_arguments(sqlite_db: sessionmaker[Session], tmp_path
 
 def test_model_name_gives_safe_file_names(sqlite_db: sessionmaker[Session], tmp_path: Path) -> None:
     index = opened(build_corpus(sqlite_db), tmp_path)
-    names = sorted(path.name for path in tmp_path.iterdir())
-    assert index.index_path.name in names and index.manifest_path.name in names
+    assert index.directory.parent == tmp_path
+    names = [index.directory.name, *(path.name for path in index.directory.iterdir())]
+    assert "manifest.json" in names and any(name.endswith(".faiss") for name in names)
     assert all("/" not in name and ":" not in name for name in names)
-    assert all(path.parent == tmp_path for path in (index.index_path, index.manifest_path))
 
 
 def test_row_committed_below_last_id_is_indexed(
@@ -537,3 +556,127 @@ def test_searches_run_alongside_catch_up(sqlite_db: sessionmaker[Session], tmp_p
         searcher.join()
     assert not errors
     assert_matches_table(index, corpus)
+
+
+# --- shards, IVF and maintenance ---------------------------------------------------------
+
+SMALL_IVF = ShardPolicy(ivf_threshold=500)  # the big tenant (1500 rows) is IVF, small flat
+
+
+def test_each_tenant_searches_its_own_shard_only(
+    sqlite_db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    corpus = build_corpus(sqlite_db)
+    index = opened(corpus, tmp_path)
+    assert set(index.shard_kinds()) == {corpus.big.tenant_id, corpus.small.tenant_id}
+    for query in unit_vectors(np.random.default_rng(31), 3):
+        # accept_all: the shard alone keeps the other tenant's rows out.
+        hits = index.search(query, 10, accept_all, tenant_id=corpus.small.tenant_id)
+        small = corpus.ids_of(corpus.small)
+        assert_same_hits(hits, brute_force(corpus.vectors, query, 10, small))
+    assert index.search(query, 5, accept_all, tenant_id=999_999) == []
+
+
+def test_large_shard_is_ivf_and_a_subset_search_is_exact(
+    sqlite_db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    corpus = build_corpus(sqlite_db)
+    index = opened(corpus, tmp_path, policy=SMALL_IVF)
+    kinds = index.shard_kinds()
+    assert kinds == {corpus.big.tenant_id: IVF, corpus.small.tenant_id: FLAT}
+    big = sorted(corpus.ids_of(corpus.big))
+    rng = np.random.default_rng(37)
+    for size in (1, 15, 150):  # 0.1% to 10% of the shard
+        subset = set(rng.choice(big, size=size, replace=False).tolist())
+        for query in unit_vectors(rng, 3):
+            hits = index.search(
+                query, 10, accept_all, tenant_id=corpus.big.tenant_id, allowed=subset
+            )
+            assert_same_hits(hits, brute_force(corpus.vectors, query, 10, subset))
+    # Unfiltered, IVF is approximate but finds a vector's own row.
+    for row_id in big[:20]:
+        hits = index.search(corpus.vectors[row_id], 1, accept_all, tenant_id=corpus.big.tenant_id)
+        assert hits[0][0] == row_id
+
+
+def test_ivf_index_persists_and_loads(sqlite_db: sessionmaker[Session], tmp_path: Path) -> None:
+    corpus = build_corpus(sqlite_db)
+    first = opened(corpus, tmp_path, policy=SMALL_IVF)
+    first.close()
+    reopened = opened(corpus, tmp_path, policy=SMALL_IVF)
+    assert not reopened.rebuilt and reopened.shard_kinds() == first.shard_kinds()
+    query = unit_vectors(np.random.default_rng(41), 1)[0]
+    tenant = corpus.big.tenant_id
+    assert reopened.search(query, 10, accept_all, tenant_id=tenant) == first.search(
+        query, 10, accept_all, tenant_id=tenant
+    )
+
+
+def test_shard_grows_into_ivf_and_keeps_changes_made_during_the_rebuild(
+    sqlite_db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = build_corpus(sqlite_db)
+    index = opened(corpus, tmp_path, policy=ShardPolicy(ivf_threshold=1600))
+    assert index.shard_kinds()[corpus.big.tenant_id] == FLAT
+    rng = np.random.default_rng(43)
+    with sqlite_db() as session:
+        corpus.add(session, corpus.big, unit_vectors(rng, 200))  # 1700 rows: over the threshold
+        session.commit()
+    doomed = sorted(corpus.ids_of(corpus.big))[:5]
+    real_build = index_module.build
+
+    def build_while_rows_change(*args: object, **kwargs: object) -> object:
+        # Rows arrive and leave while the new shard is built from its copy.
+        with sqlite_db() as session:
+            corpus.add(session, corpus.big, unit_vectors(rng, 30))
+            delete_embeddings(session, doomed)
+            session.commit()
+            index.catch_up(session)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "build", build_while_rows_change)
+    index.maintain(sqlite_db)
+    corpus.forget(doomed)
+    assert index.shard_kinds()[corpus.big.tenant_id] == IVF
+    assert index.ntotal == len(corpus.vectors)
+    big = corpus.ids_of(corpus.big)
+    for query in unit_vectors(rng, 3):  # exhaustive over the subset: exact on IVF too
+        hits = index.search(query, 10, accept_all, tenant_id=corpus.big.tenant_id, allowed=big)
+        assert_same_hits(hits, brute_force(corpus.vectors, query, 10, big))
+
+
+def test_one_writer_persists_and_the_others_load(
+    sqlite_db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    corpus = build_corpus(sqlite_db)
+    writer = opened(corpus, tmp_path)
+    reader = opened(corpus, tmp_path)
+    assert writer.is_writer and not reader.is_writer
+    assert not reader.rebuilt  # it loaded the writer's files
+    with sqlite_db() as session:
+        corpus.add(session, corpus.small, unit_vectors(np.random.default_rng(47), 5))
+        session.commit()
+        reader.catch_up(session)
+    assert not reader.persist()  # the reader keeps its copy caught up but writes nothing
+    assert_matches_table(reader, corpus)
+    writer.close()
+    reader.maintain(sqlite_db)  # the writer is gone: the reader takes over
+    assert reader.is_writer and reader.persist()
+
+
+def test_rebuild_runs_in_the_background(sqlite_db: sessionmaker[Session], tmp_path: Path) -> None:
+    corpus = build_corpus(sqlite_db)
+    index = VectorIndex(model=MODEL, dimension=DIM, directory=tmp_path)
+    index.open(sqlite_db, build=False)
+    assert index.rebuilt and not index.ready
+    with pytest.raises(IndexNotReady, match="being rebuilt"):
+        index.search(np.ones(DIM, dtype=np.float32), 3, accept_all)
+    index.start(sqlite_db, interval_s=0.05)
+    try:
+        deadline = time.monotonic() + 30
+        while not index.ready and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert_matches_table(index, corpus)
+    finally:
+        index.close()
+    assert Manifest.from_json(index.manifest_path.read_text()).count == len(corpus.vectors)
