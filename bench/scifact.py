@@ -38,6 +38,15 @@ class SciFact:
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
+def report(result: dict, *, as_json: bool) -> None:
+    """Print a bench's result as aligned lines, then (for --json) as one JSON line."""
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    if as_json:
+        print(json.dumps(result))
+
+
 def data_dir(path: Path | None = None) -> Path:
     directory = path or DATA
     if not (directory / "corpus.jsonl").is_file():

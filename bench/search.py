@@ -21,7 +21,6 @@ single-query latency; the time until
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -301,12 +300,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="default: a temporary SQLite file")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
-    result = run(args)
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        print(json.dumps(result))
+    scifact.report(run(args), as_json=args.json)
 
 
 if __name__ == "__main__":

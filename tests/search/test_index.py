@@ -21,10 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
-from service.db.tables import Embedding, EmbeddingDeletion, Generation, Job, Tenant, new_id
+from service.db.tables import Embedding, EmbeddingDeletion, Generation, Tenant
 from service.search import index as index_module
 from service.search.index import IndexNotReady, Manifest, VectorIndex
 from service.search.shards import FLAT, IVF, ShardPolicy
+from tests.utils.factories import make_generation_row
 
 DIM = 64
 MODEL = "org/mini-lm:v1"  # characters that are unsafe in a file name, on purpose
@@ -90,25 +91,7 @@ def make_tenant(session: Session, name: str) -> Tenant:
 
 
 def make_generation(session: Session, tenant: Tenant) -> Generation:
-    job = Job(id=new_id("job"), tenant_id=tenant.id, model="chat", queue="interactive", input={})
-    generation = Generation(
-        id=new_id("gen"),
-        tenant_id=tenant.id,
-        job_id=job.id,
-        model="chat",
-        model_version="1",
-        input={"prompt": "hi"},
-        prompt="hi",
-        output="hello",
-        prompt_tokens=1,
-        completion_tokens=1,
-        finish_reason="stop",
-    )
-    session.add(job)
-    session.flush()
-    session.add(generation)
-    session.flush()
-    return generation
+    return make_generation_row(session, tenant.id)
 
 
 def add_embeddings(

@@ -14,11 +14,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import crud
 from service.db.migrate import downgrade, upgrade
 from service.db.session import make_engine, make_sessionmaker
-from service.db.tables import Embedding, Generation, Job, Tenant, new_id
+from service.db.tables import Embedding, Generation, Tenant, new_id
 from service.search.generations import Fusion, Part, fuse, search_generations
 from service.search.index import VectorIndex
 from service.search.keyword import keyword_search, query_terms
 from service.search.snippets import snippet
+from tests.utils.factories import make_generation_row
 
 NO_FILTERS = crud.Filters()
 DIM = 16
@@ -41,26 +42,7 @@ def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
 def add_generation(
     session: Session, tenant_id: int, prompt: str, output: str, **meta: Any
 ) -> Generation:
-    job = Job(id=new_id("job"), tenant_id=tenant_id, model="m", queue="interactive", input={})
-    generation = Generation(
-        id=new_id("gen"),
-        tenant_id=tenant_id,
-        job_id=job.id,
-        model="m",
-        model_version="1",
-        input={"prompt": prompt},
-        prompt=prompt,
-        output=output,
-        meta=meta,
-        prompt_tokens=1,
-        completion_tokens=1,
-        finish_reason="stop",
-    )
-    session.add(job)
-    session.flush()
-    session.add(generation)
-    session.flush()
-    return generation
+    return make_generation_row(session, tenant_id, prompt=prompt, output=output, meta=meta)
 
 
 def make_tenant(session: Session, name: str) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.db import crud
-from service.db.tables import Job
+from service.db.tables import Generation, Job, new_id
 
 
 def make_key(session: Session, tenant: str = "acme", role: str = "writer") -> tuple[int, str]:
@@ -40,3 +40,34 @@ def make_job(
     )
     session.commit()
     return job
+
+
+def make_generation_row(
+    session: Session,
+    tenant_id: int,
+    *,
+    prompt: str = "hi",
+    output: str = "hello",
+    meta: dict[str, Any] | None = None,
+) -> Generation:
+    """A stored generation (and its job) written directly, as a finished worker leaves it."""
+    job = Job(id=new_id("job"), tenant_id=tenant_id, model="chat", queue="interactive", input={})
+    generation = Generation(
+        id=new_id("gen"),
+        tenant_id=tenant_id,
+        job_id=job.id,
+        model="chat",
+        model_version="1",
+        input={"prompt": prompt},
+        prompt=prompt,
+        output=output,
+        meta=meta or {},
+        prompt_tokens=1,
+        completion_tokens=1,
+        finish_reason="stop",
+    )
+    session.add(job)
+    session.flush()
+    session.add(generation)
+    session.flush()
+    return generation
