@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from collections.abc import Sequence
@@ -45,17 +46,11 @@ class Filters:
 
     @property
     def narrows_generations(self) -> bool:
-        """Whether these filters leave out some of a tenant's generations."""
+        """Whether these filters leave out some of a tenant's generations (status is a job's)."""
         return any(
-            (
-                self.model,
-                self.tags,
-                self.metadata,
-                self.created_after,
-                self.created_before,
-                self.conversation_id,
-                self.min_feedback_score is not None,
-            )
+            getattr(self, spec.name) not in (None, (), [], {})
+            for spec in dataclasses.fields(self)
+            if spec.name != "status"
         )
 
 
@@ -320,6 +315,21 @@ def ancestors(session: Session, *, generation_id: str | None, limit: int = 256) 
     return chain[::-1]
 
 
+def _visible_embeddings(
+    session: Session, *columns: Any, tenant_id: int, kinds: Sequence[str], filters: Filters
+) -> Select[Any]:
+    """SELECT columns of the tenant's embeddings of kinds whose generation passes filters."""
+    return (
+        select(*columns)
+        .join(Generation, Generation.id == Embedding.generation_id)
+        .where(
+            Embedding.tenant_id == tenant_id,
+            Embedding.kind.in_(list(kinds)),
+            *filter_clauses(Generation, filters, _dialect(session)),
+        )
+    )
+
+
 def generations_for_embeddings(
     session: Session,
     *,
@@ -329,16 +339,15 @@ def generations_for_embeddings(
     filters: Filters,
 ) -> dict[int, tuple[str, str]]:
     """Of the given embedding ids, those the caller may see: id -> (generation id, kind)."""
-    query = (
-        select(Embedding.id, Embedding.generation_id, Embedding.kind)
-        .join(Generation, Generation.id == Embedding.generation_id)
-        .where(
-            Embedding.id.in_(list(embedding_ids)),
-            Embedding.tenant_id == tenant_id,
-            Embedding.kind.in_(list(kinds)),
-            *filter_clauses(Generation, filters, _dialect(session)),
-        )
-    )
+    query = _visible_embeddings(
+        session,
+        Embedding.id,
+        Embedding.generation_id,
+        Embedding.kind,
+        tenant_id=tenant_id,
+        kinds=kinds,
+        filters=filters,
+    ).where(Embedding.id.in_(list(embedding_ids)))
     return {eid: (gid, kind) for eid, gid, kind in session.execute(query)}
 
 
@@ -353,14 +362,10 @@ def embedding_ids_matching(
 ) -> list[int] | None:
     """Ids of the tenant's embeddings whose generation passes filters; None if over limit."""
     query = (
-        select(Embedding.id)
-        .join(Generation, Generation.id == Embedding.generation_id)
-        .where(
-            Embedding.tenant_id == tenant_id,
-            Embedding.model == model,
-            Embedding.kind.in_(list(kinds)),
-            *filter_clauses(Generation, filters, _dialect(session)),
+        _visible_embeddings(
+            session, Embedding.id, tenant_id=tenant_id, kinds=kinds, filters=filters
         )
+        .where(Embedding.model == model)
         .limit(limit + 1)
     )
     ids = list(session.scalars(query))

@@ -81,9 +81,12 @@ def search_generations(
     fusion = fusion or Fusion()
     wanted = offset + limit + 1  # one more tells whether another page exists
     depth = max(wanted, HYBRID_DEPTH) if mode == "hybrid" else wanted
+    # Hybrid asks a ranking only when its weight can count.
+    use_vector = mode == "vector" or (mode == "hybrid" and fusion.vector > 0)
+    use_keyword = mode == "keyword" or (mode == "hybrid" and fusion.keyword > 0)
     vector: list[tuple[str, float, str]] = []
     keyword: list[tuple[str, float]] = []
-    if mode in ("vector", "hybrid") and (mode == "vector" or fusion.vector > 0):
+    if use_vector:
         if index is None or embed is None:
             raise ValueError(f"{mode} search needs an index and an embedder")
         vector = vector_candidates(
@@ -95,7 +98,7 @@ def search_generations(
             target=target,
             filters=filters,
         )
-    if mode in ("keyword", "hybrid") and (mode == "keyword" or fusion.keyword > 0):
+    if use_keyword:
         found = keyword_search(
             session, tenant_id=tenant_id, query=query, target=target, limit=depth, filters=filters
         )
