@@ -107,7 +107,7 @@ def worker(
         "workers.app:app",
         "worker",
         "--queues",
-        queues or ",".join(settings.worker_queues),
+        queues or ",".join(q for q in QUEUES if q in settings.worker_queues),
         "--concurrency",
         str(concurrency or settings.worker_concurrency),
         "--pool",

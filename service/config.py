@@ -9,7 +9,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-QUEUES = ("interactive", "batch", "train", "embed")
+# In priority order: a worker serves the first non-empty one first (on Redis; kombu's
+# SQLAlchemy transport takes its queues in turn), so batch lines never starve requests.
+QUEUES = ("interactive", "embed", "batch", "train")
 
 
 def _csv(value: object) -> object:
@@ -31,9 +33,18 @@ class Settings(BaseSettings):
     # Empty means the embedded broker: kombu's SQLAlchemy transport on its own SQLite file.
     broker_url: str = ""
 
+    # Where workers publish each job's tokens for the API to stream. Empty means the
+    # broker's Redis when the broker is Redis, else a SQLite file under data_dir.
+    events_url: str = ""
+
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 1_000_000
+    # The Files API streams uploads to SQL; these bound a file and a batch's input.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    max_batch_lines: int = Field(default=50_000, ge=1)
+    # Jobs a tenant may have queued at once; past it, submissions get 429.
+    max_queued_jobs_per_tenant: int = Field(default=100_000, ge=1)
 
     chat_models: Annotated[list[str], NoDecode] = ["smollm2-135m-instruct"]
     embedding_model: str = "all-minilm-l6-v2"
@@ -81,6 +92,11 @@ class Settings(BaseSettings):
                 "GENSERVE_DATABASE_URL and GENSERVE_BROKER_URL must be set in production; "
                 "the embedded SQLite database and broker are for one machine only"
             )
+        if self.environment == "production" and self.events_backend_url.startswith("sqlite"):
+            raise ValueError(
+                "token streams need Redis in production: use a Redis broker or set "
+                "GENSERVE_EVENTS_URL; the SQLite events file is for one machine only"
+            )
         return self
 
     @cached_property
@@ -106,6 +122,15 @@ class Settings(BaseSettings):
     @property
     def embedded_broker_path(self) -> Path:
         return self.resolved_data_dir / "broker.sqlite"
+
+    @property
+    def events_backend_url(self) -> str:
+        """redis://... or sqlite:///path, per the rule on events_url above."""
+        if self.events_url:
+            return self.events_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return f"sqlite:///{self.resolved_data_dir / 'events.sqlite'}"
 
     @property
     def uses_embedded_broker(self) -> bool:

@@ -19,6 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 logger = logging.getLogger("genserve.queue")
 
 RUN_JOB_TASK = "genserve.run_job"
+PREPARE_BATCH_TASK = "genserve.prepare_batch"
+FINALIZE_BATCH_TASK = "genserve.finalize_batch"
 # Redis redelivers an unacknowledged message after the visibility timeout; it must be
 # longer than any job runs, or a long job is delivered twice (the claim in SQL still
 # stops the second run, but it wastes a worker slot).
@@ -61,7 +63,11 @@ def celery_config(broker_url: str, *, default_queue: str = "interactive") -> dic
         # Passed to create_engine by kombu: the driver's timeout is SQLite's busy timeout.
         transport_options = {"connect_args": {"timeout": 30}}
     elif broker_url.startswith(("redis://", "rediss://")):
-        transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
+        transport_options = {
+            "visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S,
+            # BRPOP on the queues in the worker's order: interactive before batch.
+            "queue_order_strategy": "priority",
+        }
     return {
         "broker_url": broker_url,
         "broker_transport_options": transport_options,
@@ -101,10 +107,16 @@ class JobPublisher:
 
     def publish(self, job_id: str, queue: str) -> bool:
         """Send the job; False (logged) if the broker is unreachable: the sweeper retries."""
+        return self.send(RUN_JOB_TASK, job_id, queue=queue)
+
+    def send(self, task: str, object_id: str, *, queue: str) -> bool:
+        """Send a task about one stored object; False (logged) if the broker is unreachable."""
         try:
-            self._app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+            self._app.send_task(task, args=[object_id], queue=queue)
         except (KombuError, OSError, SQLAlchemyError) as exc:
-            logger.warning("publishing job %s failed, the sweeper will retry: %s", job_id, exc)
+            logger.warning(
+                "publishing %s %s failed, the sweeper will retry: %s", task, object_id, exc
+            )
             return False
         return True
 

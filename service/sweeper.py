@@ -1,5 +1,8 @@
 """Rule 2's sweeper: re-publish jobs whose broker message may have been lost.
 
+Batches are swept too: one whose prepare or finalize task was lost is sent again, one
+whose lines have all ended is finalized, one past its window expires.
+
 A job stays queued too long when the API died between commit and publish, or the broker
 lost its messages (Redis without persistence, the embedded broker after a SIGKILLed
 worker). A running job whose lease expired lost its worker. Re-publishing is safe
@@ -16,6 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import batches
 from service.db import crud
 from service.db.tables import Job, utcnow
 from service.queue import JobPublisher
@@ -96,6 +100,9 @@ class Sweeper:
                         self._publisher,
                         requeue_after_s=self._requeue_after_s,
                         max_attempts=self._max_attempts,
+                    )
+                    batches.sweep_batches(
+                        session, self._publisher, now=utcnow(), grace_s=self._requeue_after_s
                     )
             except SQLAlchemyError as exc:
                 logger.warning("sweep failed, will retry: %s", exc)

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.batches import Models
 from service.config import Settings, get_settings
 from service.db.session import make_engine, make_sessionmaker
+from service.events import EventSink, make_sink
+from service.queue import JobPublisher
 from workers.engine.runtime import ModelRuntime
 
 
@@ -19,6 +22,13 @@ class WorkerContext:
     embedding_model: str
     chat_models: tuple[str, ...]
     lease_s: float
+    events: EventSink
+    # The worker's own Celery app, for the jobs a batch creates.
+    publisher: JobPublisher
+
+    @property
+    def models(self) -> Models:
+        return Models(chat=self.chat_models, embedding=self.embedding_model)
 
 
 _context: WorkerContext | None = None
@@ -26,12 +36,16 @@ _lock = threading.Lock()
 
 
 def build_context(settings: Settings) -> WorkerContext:
+    from workers.app import app
+
     return WorkerContext(
         sessionmaker=make_sessionmaker(make_engine(settings.sqlalchemy_url)),
         runtime=ModelRuntime(cache_dir=settings.models_dir, device=settings.device),
         embedding_model=settings.embedding_model,
         chat_models=tuple(settings.chat_models),
         lease_s=settings.job_lease_s,
+        events=make_sink(settings.events_backend_url),
+        publisher=JobPublisher(app),
     )
 
 

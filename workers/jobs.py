@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,9 @@ from models.backends.causal_lm import CausalLM, GenerationOutput
 from models.registry import get_spec
 from service.db import crud
 from service.db.tables import Generation, Job, new_id
+from service.events import EventSink
 from workers.engine.runtime import ModelRuntime
+from workers.streaming import TokenPublisher
 
 logger = logging.getLogger("genserve.worker")
 
@@ -71,6 +74,7 @@ class CancelWatch:
 class Outcome:
     status: str  # "succeeded" | "failed" | "cancelled" | "skipped"
     generation_id: str | None = None
+    batch_id: str | None = None  # the batch the job is a line of
 
 
 def _embed(runtime: ModelRuntime, model_name: str, texts: dict[str, str]) -> dict[str, bytes]:
@@ -112,60 +116,122 @@ def _generation_row(
     )
 
 
-def run_generation_job(
+def _reject(session: Session, job: Job, message: str, *, param: str, code: str) -> Outcome:
+    """Fail a job whose input the model cannot take, with an error the API answers 400 with."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    crud.finish_job(session, job_id=job.id, status="failed", error=message, result={"error": error})
+    session.commit()
+    return Outcome("failed")
+
+
+def _generate(
+    session: Session,
+    factory: sessionmaker[Session],
+    runtime: ModelRuntime,
+    job: Job,
+    *,
+    lease_s: float,
+    embedding_model: str,
+    tokens: TokenPublisher,
+) -> Outcome:
+    history = crud.ancestors(session, generation_id=job.parent_generation_id)
+    model = runtime.chat_model(job.model)
+    params = job.params
+    started = time.perf_counter()
+    try:
+        out = model.generate(
+            encode_job(model, job, history),
+            max_new_tokens=params["max_tokens"],
+            temperature=params["temperature"],
+            top_p=params["top_p"],
+            seed=params["seed"],
+            stop=params["stop"],
+            should_cancel=CancelWatch(factory, job.id, lease_s),
+            on_token=tokens,
+        )
+    except ValueError as exc:  # the input does not fit the model (too long, say)
+        message = f"the input does not fit {job.model} (context {model.context_length}): {exc}"
+        return _reject(session, job, message, param="messages", code="context_length_exceeded")
+    generate_s = time.perf_counter() - started
+    if out.finish_reason == "cancelled":
+        crud.finish_job(session, job_id=job.id, status="cancelled")
+        session.commit()
+        return Outcome("cancelled")
+    generation = _generation_row(job, out, model, generate_s)
+    vectors = _embed(
+        runtime, embedding_model, {"prompt": generation.prompt, "output": generation.output}
+    )
+    spec = get_spec(embedding_model)
+    assert spec.dimension is not None
+    stored = crud.store_generation(
+        session,
+        job=job,
+        generation=generation,
+        vectors=vectors,
+        model=embedding_model,
+        dimension=spec.dimension,
+    )
+    session.commit()
+    return Outcome("succeeded", generation.id) if stored else Outcome("skipped")
+
+
+def _embed_texts(session: Session, runtime: ModelRuntime, job: Job) -> Outcome:
+    """An embeddings request: the vectors go to job.result as base64 of float32."""
+    embedder = runtime.embedder(job.model)
+    texts: list[str] = job.input["texts"]
+    counts = embedder.count_tokens(texts)
+    for index, count in enumerate(counts):
+        if count > embedder.max_tokens:
+            message = (
+                f"input[{index}] is {count} tokens; {job.model} embeds at most "
+                f"{embedder.max_tokens}"
+            )
+            return _reject(session, job, message, param="input", code="context_length_exceeded")
+    vectors = embedder.encode(texts).astype("<f4")
+    result = {
+        "embeddings": [base64.b64encode(vector.tobytes()).decode() for vector in vectors],
+        "prompt_tokens": sum(counts),
+    }
+    finished = crud.finish_job(session, job_id=job.id, status="succeeded", result=result)
+    session.commit()
+    return Outcome("succeeded") if finished else Outcome("skipped")
+
+
+def run_job(
     factory: sessionmaker[Session],
     runtime: ModelRuntime,
     job_id: str,
     *,
     lease_s: float,
     embedding_model: str,
+    events: EventSink | None = None,
 ) -> Outcome:
-    """Claim the job, generate, and store the result with its embeddings in one transaction."""
+    """Claim the job and run it: chat models generate, embedding models embed.
+
+    A generation and its embeddings are stored in one transaction. An interactive job's
+    tokens are published to events as they come (batch jobs have no reader).
+    """
     with factory() as session:
         job = crud.claim_job(session, job_id=job_id, lease_s=lease_s)
         if job is None:
             return Outcome("skipped")  # done, cancelled, or running elsewhere
-        history = crud.ancestors(session, generation_id=job.parent_generation_id)
-        model = runtime.chat_model(job.model)
-        params = job.params
-        watch = CancelWatch(factory, job.id, lease_s)
-        started = time.perf_counter()
-        try:
-            out = model.generate(
-                encode_job(model, job, history),
-                max_new_tokens=params["max_tokens"],
-                temperature=params["temperature"],
-                top_p=params["top_p"],
-                seed=params["seed"],
-                stop=params["stop"],
-                should_cancel=watch,
+        batch_id = job.batch_id
+        if get_spec(job.model).task == "embedding":
+            outcome = _embed_texts(session, runtime, job)
+        else:
+            tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
+            tokens.start()
+            outcome = _generate(
+                session,
+                factory,
+                runtime,
+                job,
+                lease_s=lease_s,
+                embedding_model=embedding_model,
+                tokens=tokens,
             )
-        except ValueError as exc:  # the input does not fit the model (too long, say)
-            error = f"the input does not fit {job.model} (context {model.context_length}): {exc}"
-            crud.finish_job(session, job_id=job.id, status="failed", error=error)
-            session.commit()
-            return Outcome("failed")
-        generate_s = time.perf_counter() - started
-        if out.finish_reason == "cancelled":
-            crud.finish_job(session, job_id=job.id, status="cancelled")
-            session.commit()
-            return Outcome("cancelled")
-        generation = _generation_row(job, out, model, generate_s)
-        vectors = _embed(
-            runtime, embedding_model, {"prompt": generation.prompt, "output": generation.output}
-        )
-        spec = get_spec(embedding_model)
-        assert spec.dimension is not None
-        stored = crud.store_generation(
-            session,
-            job=job,
-            generation=generation,
-            vectors=vectors,
-            model=embedding_model,
-            dimension=spec.dimension,
-        )
-        session.commit()
-        return Outcome("succeeded", generation.id) if stored else Outcome("skipped")
+            tokens.end(outcome.status)
+    return replace(outcome, batch_id=batch_id)
 
 
 def fail_job(factory: sessionmaker[Session], job_id: str, error: str) -> None:

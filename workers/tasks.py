@@ -9,7 +9,8 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready
 from sqlalchemy.exc import OperationalError
 
-from service.queue import RUN_JOB_TASK
+from service import batches
+from service.queue import FINALIZE_BATCH_TASK, PREPARE_BATCH_TASK, RUN_JOB_TASK
 from workers import jobs
 from workers.app import app
 from workers.context import get_context, preload
@@ -28,28 +29,56 @@ class JobTask(Task):
         jobs.fail_job(get_context().sessionmaker, job_id, f"{type(exc).__name__}: {exc}")
 
 
-@app.task(
-    name=RUN_JOB_TASK,
-    base=JobTask,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    # The database going away is worth waiting for; the claim makes a retry safe.
-    autoretry_for=(OperationalError,),
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=10,
-)
+# Every task: acknowledged once its work is stored, redelivered if its worker is lost, and
+# retried while the database is away (each task's claim in SQL makes a retry safe).
+DURABLE: dict[str, Any] = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "max_retries": 10,
+}
+
+
+@app.task(name=RUN_JOB_TASK, base=JobTask, **DURABLE)
 def run_job(job_id: str) -> str:
     context = get_context()
-    outcome = jobs.run_generation_job(
+    outcome = jobs.run_job(
         context.sessionmaker,
         context.runtime,
         job_id,
         lease_s=context.lease_s,
         embedding_model=context.embedding_model,
+        events=context.events,
     )
     logger.info("job %s: %s", job_id, outcome.status)
+    if outcome.batch_id and outcome.status != "skipped":
+        with context.sessionmaker() as session:
+            batches.start_finalizing(session, context.publisher, batch_id=outcome.batch_id)
     return outcome.status
+
+
+@app.task(name=PREPARE_BATCH_TASK, **DURABLE)
+def prepare_batch(batch_id: str) -> str:
+    context = get_context()
+    status = batches.prepare_batch(
+        context.sessionmaker,
+        context.publisher,
+        batch_id,
+        models=context.models,
+        lease_s=context.lease_s,
+    )
+    logger.info("batch %s: %s", batch_id, status)
+    return status
+
+
+@app.task(name=FINALIZE_BATCH_TASK, **DURABLE)
+def finalize_batch(batch_id: str) -> str:
+    context = get_context()
+    status = batches.finalize_batch(context.sessionmaker, batch_id, lease_s=context.lease_s)
+    logger.info("batch %s: %s", batch_id, status)
+    return status
 
 
 @worker_process_init.connect

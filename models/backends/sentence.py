@@ -77,6 +77,25 @@ class SentenceEmbedder:
         )
         return np.asarray(embeddings, dtype=np.float32)
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest input, in tokens with the special ones, that is embedded whole."""
+        limit = self.model.max_seq_length
+        assert limit is not None, "sentence-transformers sets max_seq_length on load"
+        return int(limit)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, special tokens included, before any truncation.
+
+        Args:
+            texts: Texts to count.
+
+        Returns:
+            One count per text.
+        """
+        encoded = self.model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        return [len(ids) for ids in encoded]
+
 
 def load(spec: ModelSpec, *, cache_dir: Path, device: str, dtype: torch.dtype) -> SentenceEmbedder:
     """Load the packaged all-MiniLM-L6-v2 from its local folder (no hub access).

@@ -9,11 +9,25 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from models.registry import get_spec
+from service.api.deps import ApiLimits
 from service.api.errors import register_error_handlers
 from service.api.middleware import RequestLimits
-from service.api.routes import conversations, generations, health, jobs, search
+from service.api.routes import (
+    batches,
+    chat,
+    completions,
+    conversations,
+    files,
+    generations,
+    health,
+    jobs,
+    models,
+    search,
+)
 from service.config import Settings, get_settings
 from service.db.session import make_engine, make_sessionmaker
+from service.events import make_source
+from service.files import FileLimits
 from service.queue import JobPublisher, make_celery, prepare_embedded_broker
 from service.search.embedder import LazyEmbedder
 from service.search.index import VectorIndex
@@ -62,11 +76,17 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             model=spec.name, cache_dir=settings.models_dir, device="cpu"
         )
         app.state.served_models = tuple(settings.chat_models)
+        app.state.events = make_source(settings.events_backend_url)
+        app.state.limits = ApiLimits(max_queued_jobs_per_tenant=settings.max_queued_jobs_per_tenant)
+        app.state.file_limits = FileLimits(
+            max_bytes=settings.max_file_bytes, max_lines=settings.max_batch_lines
+        )
         sweeper.start()
         try:
             yield
         finally:
             sweeper.stop()
+            await app.state.events.close()
             index.close()
             publisher.close()
             engine.dispose()
@@ -83,7 +103,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan(settings),
     )
     register_error_handlers(app)
-    app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
-    for module in (health, jobs, generations, conversations, search):
+    app.add_middleware(
+        RequestLimits,
+        max_bytes=settings.max_body_bytes,
+        # Uploads stream to SQL as they arrive, bounded by the file limit, never buffered.
+        stream_paths={files.UPLOAD_PATH: settings.max_file_bytes + files.MULTIPART_OVERHEAD_BYTES},
+    )
+    routers = (health, jobs, generations, conversations, search, models, chat, completions)
+    for module in (*routers, files, batches):
         app.include_router(module.router)
     return app

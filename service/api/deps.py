@@ -8,10 +8,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import PermissionDenied, Unauthorized
 from service.db import crud
+from service.events import EventSource
+from service.openai_compat.serving import Serving
 from service.queue import JobPublisher
 from service.search.embedder import LazyEmbedder
 from service.search.index import VectorIndex
@@ -64,6 +66,23 @@ def _require(role: str):  # noqa: ANN202 - a dependency factory
 WriterDep = Annotated[Caller, Depends(_require("writer"))]
 
 
+@dataclass(frozen=True)
+class ApiLimits:
+    max_queued_jobs_per_tenant: int
+
+
+def get_limits(request: Request) -> ApiLimits:
+    return request.app.state.limits
+
+
+def get_events(request: Request) -> EventSource:
+    return request.app.state.events
+
+
+def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessionmaker
+
+
 def get_publisher(request: Request) -> JobPublisher:
     return request.app.state.publisher
 
@@ -80,7 +99,29 @@ def get_served_models(request: Request) -> tuple[str, ...]:
     return request.app.state.served_models
 
 
+def get_embedding_model(request: Request) -> str:
+    return request.app.state.embedder.model
+
+
 PublisherDep = Annotated[JobPublisher, Depends(get_publisher)]
 IndexDep = Annotated[VectorIndex, Depends(get_index)]
 EmbedderDep = Annotated[LazyEmbedder, Depends(get_embedder)]
 ServedModelsDep = Annotated[tuple[str, ...], Depends(get_served_models)]
+EmbeddingModelDep = Annotated[str, Depends(get_embedding_model)]
+LimitsDep = Annotated[ApiLimits, Depends(get_limits)]
+EventsDep = Annotated[EventSource, Depends(get_events)]
+# For work that outlives the request's session (a stream read after the route returns).
+SessionmakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
+
+
+def get_serving(
+    caller: WriterDep,
+    factory: SessionmakerDep,
+    source: EventsDep,
+    publisher: PublisherDep,
+) -> Serving:
+    return Serving(factory=factory, source=source, publisher=publisher, tenant_id=caller.tenant_id)
+
+
+# Submitting and following jobs for a writer (the OpenAI generation routes).
+ServingDep = Annotated[Serving, Depends(get_serving)]

@@ -67,6 +67,12 @@ class Conflict(GenserveError):
     code = "conflict"
 
 
+class TooManyRequests(GenserveError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class PayloadTooLarge(GenserveError):
     status_code = 413
     code = "payload_too_large"
@@ -80,7 +86,7 @@ class ServiceUnavailable(GenserveError):
 
 # Declared on routes so the OpenAPI docs show the error body.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 429, 503)
 }
 
 
@@ -104,7 +110,7 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
 
 async def _genserve_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GenserveError)
-    headers = {"Retry-After": "5"} if exc.status_code == 503 else None
+    headers = {"Retry-After": "5"} if exc.status_code in (429, 503) else None
     return error_json(
         exc.status_code,
         exc.message,
@@ -119,19 +125,25 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors: list[dict[str, Any]] = list(exc.errors())
     first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _loc_to_param(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         context: dict[str, Any] = first.get("ctx") or {}
         message = f"request body is not valid JSON: {context.get('error', '')}"
         return error_json(
             400, message.rstrip(": "), type_="invalid_request_error", code="invalid_json"
         )
+    details, param = describe_validation_errors(errors)
+    return error_json(
+        400, details, type_="invalid_request_error", param=param, code="invalid_value"
+    )
+
+
+def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
+    """(message naming each field at fault, the first field) of pydantic's errors."""
     details = "; ".join(
         f"{_loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5]
     )
-    return error_json(
-        400, details, type_="invalid_request_error", param=param or None, code="invalid_value"
-    )
+    param = _loc_to_param(tuple(errors[0].get("loc", ()))) if errors else ""
+    return details or "invalid request", param or None
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:

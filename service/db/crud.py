@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -176,6 +176,10 @@ def create_job(
     parent_generation_id: str | None,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    api: str = "jobs",
+    store: bool = False,
+    batch_id: str | None = None,
+    custom_id: str | None = None,
 ) -> Job:
     """A queued job; a new conversation is started when it continues none."""
     if conversation_id is None:
@@ -196,6 +200,10 @@ def create_job(
         parent_generation_id=parent_generation_id,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        api=api,
+        store=store,
+        batch_id=batch_id,
+        custom_id=custom_id,
     )
     session.add(job)
     session.flush()
@@ -241,6 +249,115 @@ def cancel_job(session: Session, *, job: Job) -> Job:
     session.flush()
     session.refresh(job)
     return job
+
+
+def list_stored_jobs(
+    session: Session,
+    *,
+    tenant_id: int,
+    api: str,
+    filters: Filters,
+    after: str | None,
+    limit: int,
+    descending: bool,
+) -> tuple[list[Job], bool]:
+    """Succeeded jobs of api sent with store=true, in id (creation) order from after."""
+    query = select(Job).where(
+        Job.tenant_id == tenant_id,
+        Job.api == api,
+        Job.store.is_(True),
+        Job.status == "succeeded",
+        *filter_clauses(Job, filters, _dialect(session)),
+    )
+    if after is not None:
+        query = query.where(Job.id < after if descending else Job.id > after)
+    order = Job.id.desc() if descending else Job.id.asc()
+    rows = list(session.scalars(query.order_by(order).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def set_job_metadata(session: Session, *, job: Job, metadata: dict[str, Any]) -> None:
+    """Replace the metadata of a job and of its generation (search filters read the latter)."""
+    job.meta = metadata
+    if job.generation is not None:
+        job.generation.meta = metadata
+    session.flush()
+
+
+def delete_job(session: Session, *, job: Job) -> None:
+    """Remove a job with its generation and embeddings (logged for the indexes)."""
+    if job.generation is not None:
+        delete_generation(session, generation=job.generation)
+    session.delete(job)
+    session.flush()
+
+
+# --- the lines of a batch ---------------------------------------------------------------
+
+
+def create_failed_job(
+    session: Session,
+    *,
+    tenant_id: int,
+    api: str,
+    batch_id: str,
+    custom_id: str | None,
+    error: dict[str, Any],
+) -> Job:
+    """A batch line that could not become a request: stored failed, with its error."""
+    now = utcnow()
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant_id,
+        model="",
+        queue="batch",
+        status="failed",
+        input={},
+        params={},
+        meta={},
+        api=api,
+        batch_id=batch_id,
+        custom_id=custom_id,
+        error=error["message"],
+        result={"error": error},
+        finished_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def batch_custom_ids(session: Session, *, batch_id: str) -> list[str | None]:
+    """The custom_id of each line stored so far, in line order."""
+    return list(
+        session.scalars(select(Job.custom_id).where(Job.batch_id == batch_id).order_by(Job.id))
+    )
+
+
+def count_batch_jobs(session: Session, *, batch_id: str) -> int:
+    return (
+        session.scalar(select(func.count()).select_from(Job).where(Job.batch_id == batch_id)) or 0
+    )
+
+
+def iter_batch_jobs(session: Session, *, batch_id: str, page: int) -> Iterator[Job]:
+    """The batch's jobs in line order, a page at a time (each page forgotten after use)."""
+    after = ""
+    while True:
+        rows = list(
+            session.scalars(
+                select(Job)
+                .where(Job.batch_id == batch_id, Job.id > after)
+                .order_by(Job.id)
+                .limit(page)
+            )
+        )
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1].id
+        for row in rows:
+            session.expunge(row)
 
 
 # --- generations and conversations -------------------------------------------------------
@@ -418,14 +535,27 @@ def renew_lease(session: Session, *, job_id: str, lease_s: float) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def finish_job(session: Session, *, job_id: str, status: str, error: str | None = None) -> bool:
+def finish_job(
+    session: Session,
+    *,
+    job_id: str,
+    status: str,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+) -> bool:
     """Move a running job to a final status; False when it was not running."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running")
-        .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None)
+    values: dict[str, Any] = {
+        "status": status,
+        "error": error,
+        "finished_at": utcnow(),
+        "lease_expires_at": None,
+    }
+    if result is not None:
+        values["result"] = result
+    updated = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(**values)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return updated.rowcount == 1  # type: ignore[attr-defined]
 
 
 def store_generation(

@@ -21,6 +21,9 @@ TABLES = {
     "generations",
     "embeddings",
     "embedding_deletions",
+    "files",
+    "file_chunks",
+    "batches",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import crud
 from service.db.tables import Generation, Job, new_id
@@ -71,3 +71,27 @@ def make_generation_row(
     session.add(generation)
     session.flush()
     return generation
+
+
+def finish(sessions: sessionmaker[Session], job: Job, output: str) -> None:
+    """Store the job's result as a worker does."""
+    with sessions() as session:
+        claimed = crud.claim_job(session, job_id=job.id, lease_s=60)
+        assert claimed is not None
+        generation = Generation(
+            id=new_id("gen"),
+            tenant_id=job.tenant_id,
+            job_id=job.id,
+            model=job.model,
+            model_version="1",
+            input=job.input,
+            prompt="hello",
+            output=output,
+            prompt_tokens=1,
+            completion_tokens=2,
+            finish_reason="stop",
+        )
+        crud.store_generation(
+            session, job=claimed, generation=generation, vectors={}, model="m", dimension=3
+        )
+        session.commit()

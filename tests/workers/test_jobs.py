@@ -11,7 +11,7 @@ from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import Embedding, Generation, Job
 from tests.utils.factories import make_job, make_key
 from workers.engine.runtime import ModelRuntime
-from workers.jobs import encode_job, run_generation_job
+from workers.jobs import encode_job, run_job
 
 EMBEDDER = "all-minilm-l6-v2"
 
@@ -26,8 +26,8 @@ def test_job_runs_once_and_stores_embeddings(sqlite_url: str, runtime: ModelRunt
     with factory() as session:
         tenant_id, _ = make_key(session)
         job = make_job(session, tenant_id, prompt="The moon and the tides", max_tokens=6)
-    first = run_generation_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
-    again = run_generation_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
+    first = run_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
+    again = run_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
     assert first.status == "succeeded" and again.status == "skipped"
     with factory() as session:
         generation = session.scalar(select(Generation).where(Generation.job_id == job.id))
@@ -48,7 +48,7 @@ def test_earlier_turns_are_given_to_the_model(sqlite_url: str, runtime: ModelRun
     with factory() as session:
         tenant_id, _ = make_key(session)
         first = make_job(session, tenant_id, prompt="My name is Ann.")
-    outcome = run_generation_job(factory, runtime, first.id, lease_s=60, embedding_model=EMBEDDER)
+    outcome = run_job(factory, runtime, first.id, lease_s=60, embedding_model=EMBEDDER)
     with factory() as session:
         second = make_job(
             session,
@@ -70,7 +70,7 @@ def test_input_too_long_fails_with_reason(sqlite_url: str, runtime: ModelRuntime
     with factory() as session:
         tenant_id, _ = make_key(session)
         job = make_job(session, tenant_id, prompt="word " * 700)
-    outcome = run_generation_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
+    outcome = run_job(factory, runtime, job.id, lease_s=60, embedding_model=EMBEDDER)
     with factory() as session:
         row = session.get(Job, job.id)
     assert outcome.status == "failed"

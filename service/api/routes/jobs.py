@@ -3,43 +3,50 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Response, status
+from fastapi import APIRouter, Depends, Header, Request, Response, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from models.registry import REGISTRY
-from service.api.deps import CallerDep, PublisherDep, ServedModelsDep, SessionDep, WriterDep
-from service.api.errors import ERROR_RESPONSES, Conflict, InvalidRequest, NotFound
+from service.api.deps import (
+    CallerDep,
+    EventsDep,
+    LimitsDep,
+    PublisherDep,
+    ServedModelsDep,
+    SessionDep,
+    SessionmakerDep,
+    WriterDep,
+)
+from service.api.errors import ERROR_RESPONSES, Conflict, NotFound
 from service.api.routes.listing import Cursor, Limit, list_filters
 from service.api.schemas import JobCreate, JobPublic, Page
 from service.db import crud
 from service.db.tables import Job
+from service.events import EventSource
+from service.follow import Delta, Finished, follow_job, load_job
+from service.openai_compat.responses import sse_event
+from service.submit import (
+    JobRequest,
+    check_queue_room,
+    publish_job,
+    resolve_max_tokens,
+    served_model,
+    store_job,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 
 def _resolve_params(job_in: JobCreate, served: tuple[str, ...]) -> dict[str, object]:
     """The sampling params with the model's defaults filled in, checked against its limits."""
-    spec = REGISTRY.get(job_in.model)
-    if spec is None or job_in.model not in served or spec.task != "chat":
-        raise NotFound(
-            f"model {job_in.model!r} is not served here; served: {list(served)}",
-            param="model",
-            code="model_not_found",
-        )
+    spec = served_model(job_in.model, served, task="chat")
     params = job_in.params.model_dump()
-    if params["max_tokens"] is None:
-        params["max_tokens"] = spec.default_max_tokens
-    if params["max_tokens"] > spec.max_output_tokens:
-        raise InvalidRequest(
-            f"max_tokens {params['max_tokens']} is above the limit of {job_in.model!r} "
-            f"({spec.max_output_tokens})",
-            param="params.max_tokens",
-            code="max_tokens_too_large",
-        )
+    params["max_tokens"] = resolve_max_tokens(spec, params["max_tokens"], param="params.max_tokens")
     return params
 
 
@@ -90,6 +97,7 @@ def create_job(
     session: SessionDep,
     publisher: PublisherDep,
     served: ServedModelsDep,
+    limits: LimitsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
@@ -101,9 +109,8 @@ def create_job(
     ):
         return JobPublic.from_row(job)
     conversation_id, parent_id = _thread(session, caller.tenant_id, job_in)
-    job = crud.create_job(
-        session,
-        tenant_id=caller.tenant_id,
+    check_queue_room(session, tenant_id=caller.tenant_id, limit=limits.max_queued_jobs_per_tenant)
+    request = JobRequest(
         model=job_in.model,
         queue=job_in.queue,
         input=job_in.input.model_dump(exclude_none=True),
@@ -114,6 +121,7 @@ def create_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
+    job = store_job(session, tenant_id=caller.tenant_id, request=request)
     try:
         session.commit()
     except IntegrityError:
@@ -123,10 +131,7 @@ def create_job(
         replayed = _replay(session, caller.tenant_id, idempotency_key, request_hash)
         assert replayed is not None
         return JobPublic.from_row(replayed)
-    # Rule 2: write, then publish. A failed publish leaves the job to the sweeper.
-    if publisher.publish(job.id, job.queue):
-        crud.mark_published(session, job_id=job.id)
-        session.commit()
+    publish_job(session, publisher, job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobPublic.from_row(job)
 
@@ -162,6 +167,41 @@ def read_jobs(
         limit=limit,
     )
     return Page[JobPublic].of(rows, has_more, JobPublic.from_row)
+
+
+async def _job_events(
+    http: Request, factory: sessionmaker[Session], source: EventSource, job: Job
+) -> AsyncIterator[bytes]:
+    async for item in follow_job(factory, source, tenant_id=job.tenant_id, job_id=job.id):
+        if isinstance(item, Delta):
+            yield sse_event("token", {"text": item.text})
+        elif isinstance(item, Finished):
+            yield sse_event("end", JobPublic.from_row(item.job).model_dump(mode="json"))
+        elif await http.is_disconnected():
+            return
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def read_job_events(
+    job_id: str,
+    http: Request,
+    caller: CallerDep,
+    factory: SessionmakerDep,
+    source: EventsDep,
+) -> StreamingResponse:
+    """The job's text as Server-Sent Events: `token` events as made, then one `end`."""
+    job = await load_job(factory, caller.tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found", param="job_id")
+    return StreamingResponse(
+        _job_events(http, factory, source, job),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

@@ -1,0 +1,107 @@
+"""Submitting a job, the one way every API does it: checked, stored, then published."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models.registry import REGISTRY, ModelSpec
+from service.api.errors import InvalidRequest, NotFound, TooManyRequests
+from service.db import crud
+from service.db.tables import Job
+from service.queue import JobPublisher
+
+
+def served_model(name: str, served: tuple[str, ...], *, task: str) -> ModelSpec:
+    """The spec of a model this server runs for task; 404 model_not_found otherwise."""
+    spec = REGISTRY.get(name)
+    if spec is None or name not in served or spec.task != task:
+        raise NotFound(
+            f"model {name!r} is not served here for {task}; served: {list(served)}",
+            param="model",
+            code="model_not_found",
+        )
+    return spec
+
+
+def resolve_max_tokens(spec: ModelSpec, requested: int | None, *, param: str) -> int:
+    """The request's token budget, or the model's default, within the model's limit."""
+    max_tokens = spec.default_max_tokens if requested is None else requested
+    if max_tokens > spec.max_output_tokens:
+        raise InvalidRequest(
+            f"{param} {max_tokens} is above the limit of {spec.name!r} ({spec.max_output_tokens})",
+            param=param,
+            code="max_tokens_too_large",
+        )
+    return max_tokens
+
+
+def check_queue_room(session: Session, *, tenant_id: int, limit: int) -> None:
+    """429 when the tenant already has `limit` jobs waiting (the queue's bound)."""
+    queued = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == tenant_id, Job.status == "queued")
+    )
+    if (queued or 0) >= limit:
+        raise TooManyRequests(
+            f"{queued} jobs are already queued for this tenant (the limit is {limit}); "
+            "retry when some have run",
+            code="queue_full",
+        )
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A job as an API asks for it, before it is stored."""
+
+    model: str
+    queue: str
+    input: dict[str, Any]
+    params: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    api: str = "jobs"
+    store: bool = False
+    conversation_id: str | None = None
+    parent_generation_id: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+def store_job(session: Session, *, tenant_id: int, request: JobRequest) -> Job:
+    """Write the job row (flushed, not committed)."""
+    return crud.create_job(
+        session,
+        tenant_id=tenant_id,
+        model=request.model,
+        queue=request.queue,
+        input=request.input,
+        params=request.params,
+        metadata=request.metadata,
+        conversation_id=request.conversation_id,
+        parent_generation_id=request.parent_generation_id,
+        idempotency_key=request.idempotency_key,
+        request_hash=request.request_hash,
+        api=request.api,
+        store=request.store,
+    )
+
+
+def publish_job(session: Session, publisher: JobPublisher, job: Job) -> None:
+    """Rule 2: publish after the commit; a failed publish leaves the job to the sweeper."""
+    if publisher.publish(job.id, job.queue):
+        crud.mark_published(session, job_id=job.id)
+        session.commit()
+
+
+def submit_job(
+    session: Session, publisher: JobPublisher, *, tenant_id: int, request: JobRequest
+) -> Job:
+    """Store, commit and publish one job."""
+    job = store_job(session, tenant_id=tenant_id, request=request)
+    session.commit()
+    publish_job(session, publisher, job)
+    return job
