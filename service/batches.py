@@ -38,7 +38,7 @@ from service.openai_compat.protocol import (
 )
 from service.openai_compat.responses import failure_error, response_body
 from service.queue import FINALIZE_BATCH_TASK, PREPARE_BATCH_TASK, JobPublisher
-from service.submit import JobRequest, served_model
+from service.submit import JobRequest, served_model, store_job
 
 logger = logging.getLogger("genserve.batches")
 
@@ -47,16 +47,12 @@ COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 PREPARE_CHUNK = 500
 FINALIZE_PAGE = 500
 PENDING = ("queued", "running")
-# Where a line's body goes: its schema and the task its model must serve.
-ENDPOINTS: dict[str, tuple[type[BaseModel], str]] = {
-    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
-    "/v1/completions": (CompletionRequest, "chat"),
-    "/v1/embeddings": (EmbeddingRequest, "embedding"),
-}
-ENDPOINT_APIS = {
-    "/v1/chat/completions": "chat.completions",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
+# Each endpoint a batch may call: the schema of a line's body, the task its model must
+# serve, and the API its jobs answer in.
+ENDPOINTS: dict[str, tuple[type[BaseModel], str, str]] = {
+    "/v1/chat/completions": (ChatCompletionRequest, "chat", "chat.completions"),
+    "/v1/completions": (CompletionRequest, "chat", "completions"),
+    "/v1/embeddings": (EmbeddingRequest, "embedding", "embeddings"),
 }
 
 
@@ -87,10 +83,7 @@ def list_batches(
 ) -> tuple[list[Batch], bool]:
     """The tenant's batches, newest first, after the id `after`."""
     query = select(Batch).where(Batch.tenant_id == tenant_id)
-    if after:
-        query = query.where(Batch.id < after)
-    rows = list(session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return crud.page_by_id(session, query, Batch, after=after, limit=limit)
 
 
 def request_counts(session: Session, *, batch: Batch) -> RequestCounts:
@@ -293,7 +286,7 @@ def parse_line(
 
 
 def _parse_body(body: Any, *, endpoint: str, models: Models) -> JobRequest | dict[str, Any]:
-    schema, task = ENDPOINTS[endpoint]
+    schema, task, _api = ENDPOINTS[endpoint]
     try:
         request = schema.model_validate(body)
     except ValidationError as exc:
@@ -320,27 +313,18 @@ def _nonblank_lines(session: Session, file_id: str) -> Iterator[bytes]:
 def _store_line(
     session: Session, batch: Batch, custom_id: str | None, parsed: JobRequest | dict[str, Any]
 ) -> Job:
-    api = ENDPOINT_APIS[batch.endpoint]
     if isinstance(parsed, JobRequest):
-        return crud.create_job(
+        return store_job(
             session,
             tenant_id=batch.tenant_id,
-            model=parsed.model,
-            queue=parsed.queue,
-            input=parsed.input,
-            params=parsed.params,
-            metadata=parsed.metadata,
-            conversation_id=None,
-            parent_generation_id=None,
-            api=api,
-            store=parsed.store,
+            request=parsed,
             batch_id=batch.id,
             custom_id=custom_id,
         )
     return crud.create_failed_job(
         session,
         tenant_id=batch.tenant_id,
-        api=api,
+        api=ENDPOINTS[batch.endpoint][2],
         batch_id=batch.id,
         custom_id=custom_id,
         error=parsed,

@@ -15,6 +15,7 @@ from typing import Literal
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from service.db import crud
 from service.db.tables import File, FileChunk, new_id
 
 CHUNK_BYTES = 1 << 20
@@ -174,12 +175,9 @@ def list_files(
     query = select(File).where(File.tenant_id == tenant_id)
     if purpose:
         query = query.where(File.purpose == purpose)
-    # Ids sort by creation time, so the page before's last id is the cursor.
-    if after:
-        query = query.where(File.id > after if order == "asc" else File.id < after)
-    query = query.order_by(File.id.asc() if order == "asc" else File.id.desc())
-    rows = list(session.scalars(query.limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return crud.page_by_id(
+        session, query, File, after=after, limit=limit, descending=order == "desc"
+    )
 
 
 def delete_file(session: Session, *, file: File) -> None:

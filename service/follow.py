@@ -44,11 +44,9 @@ class Restarted(Exception):
 
 
 def _load(factory: sessionmaker[Session], tenant_id: int, job_id: str) -> Job | None:
+    # Job.generation loads with the job (selectin), so the row is whole once detached.
     with factory() as session:
-        job = crud.get_job(session, tenant_id=tenant_id, job_id=job_id)
-        if job is not None and job.generation is not None:
-            _ = job.generation.output  # loaded before the session closes
-        return job
+        return crud.get_job(session, tenant_id=tenant_id, job_id=job_id)
 
 
 async def load_job(factory: sessionmaker[Session], tenant_id: int, job_id: str) -> Job | None:

@@ -71,8 +71,15 @@ class JobRequest:
     request_hash: str | None = None
 
 
-def store_job(session: Session, *, tenant_id: int, request: JobRequest) -> Job:
-    """Write the job row (flushed, not committed)."""
+def store_job(
+    session: Session,
+    *,
+    tenant_id: int,
+    request: JobRequest,
+    batch_id: str | None = None,
+    custom_id: str | None = None,
+) -> Job:
+    """Write the job row (flushed, not committed); a batch's line names its batch."""
     return crud.create_job(
         session,
         tenant_id=tenant_id,
@@ -87,6 +94,8 @@ def store_job(session: Session, *, tenant_id: int, request: JobRequest) -> Job:
         request_hash=request.request_hash,
         api=request.api,
         store=request.store,
+        batch_id=batch_id,
+        custom_id=custom_id,
     )
 
 

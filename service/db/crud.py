@@ -17,9 +17,11 @@ from sqlalchemy.sql import type_coerce
 
 from service.db.tables import (
     ApiKey,
+    Batch,
     Conversation,
     Embedding,
     EmbeddingDeletion,
+    File,
     Generation,
     Job,
     Tenant,
@@ -28,7 +30,7 @@ from service.db.tables import (
 )
 
 KEY_PREFIX = "gsk_"
-R = TypeVar("R", Job, Generation)
+R = TypeVar("R", Job, Generation, File, Batch)
 
 
 @dataclass(frozen=True)
@@ -150,13 +152,23 @@ def _dialect(session: Session) -> str:
     return session.get_bind().dialect.name
 
 
-def _page(
-    session: Session, query: Select[R], table: type[R], cursor: str | None, limit: int
+def page_by_id(
+    session: Session,
+    query: Select[R],
+    table: type[R],
+    *,
+    after: str | None,
+    limit: int,
+    descending: bool = True,
 ) -> tuple[list[R], bool]:
-    # Ids sort by creation time, newest first; the cursor is the last id of the page.
-    if cursor:
-        query = query.where(table.id < cursor)
-    rows = list(session.scalars(query.order_by(table.id.desc()).limit(limit + 1)))
+    """A page of query's rows in id order from the id `after`, and whether more follow.
+
+    Public ids sort by creation time, so this is newest (or oldest) first.
+    """
+    if after:
+        query = query.where(table.id < after if descending else table.id > after)
+    order = table.id.desc() if descending else table.id.asc()
+    rows = list(session.scalars(query.order_by(order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 
@@ -225,7 +237,7 @@ def list_jobs(
     query = query.where(*filter_clauses(Job, filters, _dialect(session)))
     if filters.status:
         query = query.where(Job.status == filters.status)
-    return _page(session, query, Job, cursor, limit)
+    return page_by_id(session, query, Job, after=cursor, limit=limit)
 
 
 def mark_published(session: Session, *, job_id: str) -> None:
@@ -269,11 +281,7 @@ def list_stored_jobs(
         Job.status == "succeeded",
         *filter_clauses(Job, filters, _dialect(session)),
     )
-    if after is not None:
-        query = query.where(Job.id < after if descending else Job.id > after)
-    order = Job.id.desc() if descending else Job.id.asc()
-    rows = list(session.scalars(query.order_by(order).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return page_by_id(session, query, Job, after=after, limit=limit, descending=descending)
 
 
 def set_job_metadata(session: Session, *, job: Job, metadata: dict[str, Any]) -> None:
@@ -374,7 +382,7 @@ def list_generations(
 ) -> tuple[list[Generation], bool]:
     query = select(Generation).where(Generation.tenant_id == tenant_id)
     query = query.where(*filter_clauses(Generation, filters, _dialect(session)))
-    return _page(session, query, Generation, cursor, limit)
+    return page_by_id(session, query, Generation, after=cursor, limit=limit)
 
 
 def delete_generation(session: Session, *, generation: Generation) -> None:

@@ -34,6 +34,10 @@ from service.openai_compat.responses import (
 from service.queue import JobPublisher
 from service.submit import JobRequest, check_queue_room, served_model, submit_job
 
+# Declared on routes that may answer with a stream, for the OpenAPI docs.
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "With stream: true"}
+}
 # An idle stream sends an SSE comment this often, so proxies keep the connection open.
 KEEPALIVE_S = 15.0
 # How often a waiting request asks whether its client is still there.
@@ -172,13 +176,18 @@ async def _events(
             await cancel_abandoned(serving, job.id)
 
 
-def stream(http: Request, serving: Serving, job: Job, *, include_usage: bool) -> StreamingResponse:
-    """The job's tokens as OpenAI's Server-Sent Events, ending with data: [DONE]."""
+def event_stream(frames: AsyncIterator[bytes]) -> StreamingResponse:
+    """Server-Sent Events, neither cached nor buffered by a proxy on the way."""
     return StreamingResponse(
-        _events(http, serving, job, include_usage),
+        frames,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def stream(http: Request, serving: Serving, job: Job, *, include_usage: bool) -> StreamingResponse:
+    """The job's tokens as OpenAI's Server-Sent Events, ending with data: [DONE]."""
+    return event_stream(_events(http, serving, job, include_usage))
 
 
 async def serve_generation(

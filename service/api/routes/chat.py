@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
@@ -27,14 +27,11 @@ from service.openai_compat.protocol import (
     StoredMessage,
 )
 from service.openai_compat.responses import chat_completion, job_id_of, public_id
-from service.openai_compat.serving import serve_generation
+from service.openai_compat.serving import SSE_RESPONSE, serve_generation
 
 router = APIRouter(prefix="/v1/chat/completions", tags=["chat"], responses=ERROR_RESPONSES)
 
 API = "chat.completions"
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "With stream: true"}
-}
 Order = Literal["asc", "desc"]
 ListLimit = Annotated[int, Query(ge=1, le=100)]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 
 from service.api.deps import EmbeddingModelDep, LimitsDep, ServedModelsDep, ServingDep
@@ -14,14 +12,10 @@ from service.openai_compat.protocol import (
     EmbeddingRequest,
     TextCompletion,
 )
-from service.openai_compat.serving import answer, serve_generation, submit
+from service.openai_compat.serving import SSE_RESPONSE, answer, serve_generation, submit
 from service.submit import served_model
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
-
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "With stream: true"}
-}
 
 
 @router.post("/completions", response_model=TextCompletion, responses=SSE_RESPONSE)

@@ -30,6 +30,7 @@ from service.db.tables import Job
 from service.events import EventSource
 from service.follow import Delta, Finished, follow_job, load_job
 from service.openai_compat.responses import sse_event
+from service.openai_compat.serving import event_stream
 from service.submit import (
     JobRequest,
     check_queue_room,
@@ -197,11 +198,7 @@ async def read_job_events(
     job = await load_job(factory, caller.tenant_id, job_id)
     if job is None:
         raise NotFound(f"job {job_id!r} not found", param="job_id")
-    return StreamingResponse(
-        _job_events(http, factory, source, job),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return event_stream(_job_events(http, factory, source, job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
