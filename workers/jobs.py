@@ -209,18 +209,20 @@ def run_job(
     """Claim the job and run it: chat models generate, embedding models embed.
 
     A generation and its embeddings are stored in one transaction. An interactive job's
-    tokens are published to events as they come (batch jobs have no reader).
+    tokens are published to events as they come, and its end after the commit (batch jobs
+    have no reader).
     """
     with factory() as session:
         job = crud.claim_job(session, job_id=job_id, lease_s=lease_s)
         if job is None:
             return Outcome("skipped")  # done, cancelled, or running elsewhere
         batch_id = job.batch_id
+        # Every waiting request wakes on the stream's end, embeddings requests too.
+        tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
+        tokens.start()
         if get_spec(job.model).task == "embedding":
             outcome = _embed_texts(session, runtime, job)
         else:
-            tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
-            tokens.start()
             outcome = _generate(
                 session,
                 factory,
@@ -230,7 +232,7 @@ def run_job(
                 embedding_model=embedding_model,
                 tokens=tokens,
             )
-            tokens.end(outcome.status)
+        tokens.end(outcome.status)
     return replace(outcome, batch_id=batch_id)
 
 
