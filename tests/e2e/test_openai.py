@@ -114,6 +114,8 @@ def test_sse_framing_ends_with_done(live: Live) -> None:
         "model": TINY,
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 4,
+        # Greedy: the tiny model's sampled text may end early; its greedy text does not.
+        "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -154,11 +156,17 @@ def test_closing_a_stream_cancels_its_generation(live: Live, oai: openai.OpenAI)
 
 
 def test_text_completion(oai: openai.OpenAI) -> None:
-    completion = oai.completions.create(model=TINY, prompt="Once upon a time", max_tokens=5)
+    # Greedy, so the text runs to max_tokens (OpenAI's default temperature 1 samples, and
+    # the tiny model may sample its end-of-text token early).
+    completion = oai.completions.create(
+        model=TINY, prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     assert completion.object == "text_completion"
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage is not None and completion.usage.completion_tokens == 5
-    streamed = list(oai.completions.create(model=TINY, prompt="Once", max_tokens=3, stream=True))
+    streamed = list(
+        oai.completions.create(model=TINY, prompt="Once", max_tokens=3, temperature=0, stream=True)
+    )
     assert all(chunk.object == "text_completion" for chunk in streamed)
     assert streamed[-1].choices[0].finish_reason == "length"
 
