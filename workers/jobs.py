@@ -17,7 +17,7 @@ from service.db import crud
 from service.db.tables import Generation, Job, new_id
 from service.events import EventSink
 from workers.engine.runtime import ModelRuntime
-from workers.streaming import TokenPublisher
+from workers.streaming import TokenPublisher, storable
 
 logger = logging.getLogger("genserve.worker")
 
@@ -100,8 +100,7 @@ def _generation_row(
         model_version=get_spec(job.model).version,
         input=job.input,
         prompt=turn_text(job.input),
-        # A model may emit U+0000, which PostgreSQL text cannot store.
-        output=out.text.replace("\x00", "\ufffd"),
+        output=storable(out.text),
         params=job.params,
         meta=job.meta,
         prompt_tokens=out.prompt_tokens,

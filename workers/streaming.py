@@ -15,6 +15,15 @@ logger = logging.getLogger("genserve.worker")
 FLUSH_EVERY_S = 0.02
 
 
+def storable(text: str) -> str:
+    """Text as it is stored: a model may emit U+0000, which PostgreSQL text cannot hold.
+
+    The stream carries the same text, so a reader's streamed text is a prefix of the
+    stored output.
+    """
+    return text.replace("\x00", "\ufffd")
+
+
 class TokenPublisher:
     """One job attempt's stream: start, coalesced token deltas, end.
 
@@ -42,7 +51,7 @@ class TokenPublisher:
 
     def flush(self, now: float | None = None) -> None:
         if self._pending:
-            self._publish("token", {"text": "".join(self._pending)})
+            self._publish("token", {"text": storable("".join(self._pending))})
             self._pending.clear()
         self._last_flush = time.monotonic() if now is None else now
 

@@ -94,6 +94,12 @@ class _ClientWatch:
         return await self._request.is_disconnected()
 
 
+def interrupted(job: Job, exc: Restarted) -> dict[str, Any]:
+    """The error a stream ends with when its job restarted: the result comes in SQL."""
+    message = f"the stream was interrupted ({exc}); the result will be at /v1/jobs/{job.id}"
+    return {"message": message, "type": "server_error", "param": None, "code": "restarted"}
+
+
 def _error_response(job: Job) -> JSONResponse:
     status, error = failure_error(job)
     return error_json(
@@ -169,8 +175,7 @@ async def _events(
         yield sse("[DONE]")
     except Restarted as exc:
         done = True  # the job goes on in a new attempt; its result is stored
-        message = f"the stream was interrupted ({exc}); the result will be at /v1/jobs/{job.id}"
-        yield sse({"error": {"message": message, "type": "server_error", "code": "restarted"}})
+        yield sse({"error": interrupted(job, exc)})
     finally:
         if not done:
             await cancel_abandoned(serving, job.id)

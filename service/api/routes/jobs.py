@@ -28,9 +28,9 @@ from service.api.schemas import JobCreate, JobPublic, Page
 from service.db import crud
 from service.db.tables import Job
 from service.events import EventSource
-from service.follow import Delta, Finished, follow_job, load_job
+from service.follow import Delta, Finished, Restarted, follow_job, load_job
 from service.openai_compat.responses import sse_event
-from service.openai_compat.serving import event_stream
+from service.openai_compat.serving import event_stream, interrupted
 from service.submit import (
     JobRequest,
     check_queue_room,
@@ -173,13 +173,17 @@ def read_jobs(
 async def _job_events(
     http: Request, factory: sessionmaker[Session], source: EventSource, job: Job
 ) -> AsyncIterator[bytes]:
-    async for item in follow_job(factory, source, tenant_id=job.tenant_id, job_id=job.id):
-        if isinstance(item, Delta):
-            yield sse_event("token", {"text": item.text})
-        elif isinstance(item, Finished):
-            yield sse_event("end", JobPublic.from_row(item.job).model_dump(mode="json"))
-        elif await http.is_disconnected():
-            return
+    try:
+        async for item in follow_job(factory, source, tenant_id=job.tenant_id, job_id=job.id):
+            if isinstance(item, Delta):
+                yield sse_event("token", {"text": item.text})
+            elif isinstance(item, Finished):
+                yield sse_event("end", JobPublic.from_row(item.job).model_dump(mode="json"))
+            elif await http.is_disconnected():
+                return
+    except Restarted as exc:
+        # The job goes on in a new attempt; the stream says so instead of breaking off.
+        yield sse_event("error", interrupted(job, exc))
 
 
 @router.get(
