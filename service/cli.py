@@ -109,7 +109,7 @@ def worker(
         "--queues",
         queues or ",".join(q for q in QUEUES if q in settings.worker_queues),
         "--concurrency",
-        str(concurrency or settings.worker_concurrency),
+        str(concurrency or settings.worker_slots),
         "--pool",
         pool or settings.worker_pool,
         "--loglevel",

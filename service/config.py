@@ -53,8 +53,13 @@ class Settings(BaseSettings):
     device: str = "auto"
 
     worker_queues: Annotated[list[str], NoDecode] = list(QUEUES)
-    worker_concurrency: int = Field(default=1, ge=1)
-    worker_pool: Literal["solo", "prefork", "threads"] = "solo"
+    # The engine (workers/engine) decodes up to max_batch sequences of a model together;
+    # the worker's thread pool must hold that many jobs, plus room for embeddings and
+    # batch-file jobs beside a full batch. Empty concurrency means max_batch + 4.
+    max_batch: int = Field(default=32, ge=1)
+    max_prefill_tokens: int = Field(default=4096, ge=1)
+    worker_concurrency: int | None = Field(default=None, ge=1)
+    worker_pool: Literal["solo", "prefork", "threads"] = "threads"
 
     # Rule 2: a job still queued this long after its last publish is published again;
     # the wait doubles with each re-publish, up to 32x.
@@ -71,6 +76,11 @@ class Settings(BaseSettings):
     index_ivf_encoding: Literal["flat", "sq8"] = "flat"
     index_nprobe: int | None = Field(default=None, ge=1)
     index_maintain_interval_s: float = Field(default=1.0, gt=0)
+
+    @property
+    def worker_slots(self) -> int:
+        """Jobs one worker process holds at once (Celery's concurrency)."""
+        return self.worker_concurrency or self.max_batch + 4
 
     @field_validator("chat_models", "worker_queues", mode="before")
     @classmethod

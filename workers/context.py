@@ -12,7 +12,9 @@ from service.config import Settings, get_settings
 from service.db.session import make_engine, make_sessionmaker
 from service.events import EventSink, make_sink
 from service.queue import JobPublisher
+from workers.engine.engine import EngineLimits
 from workers.engine.runtime import ModelRuntime
+from workers.leases import LeaseKeeper
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class WorkerContext:
     embedding_model: str
     chat_models: tuple[str, ...]
     lease_s: float
+    leases: LeaseKeeper
     events: EventSink
     # The worker's own Celery app, for the jobs a batch creates.
     publisher: JobPublisher
@@ -38,15 +41,25 @@ _lock = threading.Lock()
 def build_context(settings: Settings) -> WorkerContext:
     from workers.app import app
 
+    factory = make_sessionmaker(make_engine(settings.sqlalchemy_url, **_pool(settings)))
+    limits = EngineLimits(
+        max_batch=settings.max_batch, max_prefill_tokens=settings.max_prefill_tokens
+    )
     return WorkerContext(
-        sessionmaker=make_sessionmaker(make_engine(settings.sqlalchemy_url)),
-        runtime=ModelRuntime(cache_dir=settings.models_dir, device=settings.device),
+        sessionmaker=factory,
+        runtime=ModelRuntime(cache_dir=settings.models_dir, device=settings.device, limits=limits),
         embedding_model=settings.embedding_model,
         chat_models=tuple(settings.chat_models),
         lease_s=settings.job_lease_s,
+        leases=LeaseKeeper(factory, lease_s=settings.job_lease_s),
         events=make_sink(settings.events_backend_url),
         publisher=JobPublisher(app),
     )
+
+
+def _pool(settings: Settings) -> dict[str, int]:
+    """Connections for the job threads at their busiest (each holds one only briefly)."""
+    return {"pool_size": min(settings.worker_slots, 20), "max_overflow": 10}
 
 
 def get_context() -> WorkerContext:

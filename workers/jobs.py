@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -11,17 +12,22 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.backends.causal_lm import CausalLM, GenerationOutput
+from models.backends.causal_lm import CausalLM
+from models.backends.decoding import GenerationOutput, SamplingParams
 from models.registry import get_spec
 from service.db import crud
 from service.db.tables import Generation, Job, new_id
 from service.events import EventSink
+from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
+from workers.leases import LeaseKeeper
 from workers.streaming import TokenPublisher, storable
 
 logger = logging.getLogger("genserve.worker")
 
-CANCEL_POLL_S = 0.5
+# How long a job thread waits for its generation's next delta before it looks at its
+# cancellation flag again.
+FOLLOW_POLL_S = 0.25
 
 
 def turn_messages(turn_input: dict[str, Any]) -> list[dict[str, str]]:
@@ -49,27 +55,6 @@ def encode_job(model: CausalLM, job: Job, history: list[Generation]) -> list[int
     return model.encode_chat(messages + turn_messages(job.input))
 
 
-class CancelWatch:
-    """A cheap should_cancel: asks SQL at most every CANCEL_POLL_S, renewing the lease."""
-
-    def __init__(self, factory: sessionmaker[Session], job_id: str, lease_s: float) -> None:
-        self._factory = factory
-        self._job_id = job_id
-        self._lease_s = lease_s
-        self._next_check = time.monotonic() + CANCEL_POLL_S
-        self.cancelled = False
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if not self.cancelled and now >= self._next_check:
-            self._next_check = now + CANCEL_POLL_S
-            with self._factory() as session:
-                self.cancelled = crud.renew_lease(
-                    session, job_id=self._job_id, lease_s=self._lease_s
-                )
-        return self.cancelled
-
-
 @dataclass(frozen=True)
 class Outcome:
     status: str  # "succeeded" | "failed" | "cancelled" | "skipped"
@@ -79,7 +64,7 @@ class Outcome:
 
 def _embed(runtime: ModelRuntime, model_name: str, texts: dict[str, str]) -> dict[str, bytes]:
     kinds = [kind for kind, text in texts.items() if text.strip()]
-    vectors = runtime.embedder(model_name).encode([texts[k] for k in kinds])
+    vectors = runtime.embed(model_name, [texts[k] for k in kinds])
     return {
         kind: np.asarray(v, dtype=np.float32).tobytes()
         for kind, v in zip(kinds, vectors, strict=True)
@@ -111,6 +96,7 @@ def _generation_row(
             "generate_s": round(generate_s, 4),
             "tokens_per_s": round(out.completion_tokens / generate_s, 2) if generate_s else None,
             "device": model.device,
+            "batch_peak": out.peak_batch,
         },
     )
 
@@ -123,38 +109,63 @@ def _reject(session: Session, job: Job, message: str, *, param: str, code: str) 
     return Outcome("failed")
 
 
+def _follow(
+    handle: GenerationHandle, tokens: TokenPublisher, cancelled: threading.Event
+) -> GenerationOutput:
+    """Publish the generation's deltas as they come; pass a cancellation on to the engine."""
+    while True:
+        if cancelled.is_set() and not handle.cancelled:
+            handle.cancel()
+        item = handle.next(timeout=FOLLOW_POLL_S)
+        if isinstance(item, str):
+            tokens(item)
+        elif item is not None:
+            return item
+
+
 def _generate(
-    session: Session,
     factory: sessionmaker[Session],
     runtime: ModelRuntime,
     job: Job,
     *,
-    lease_s: float,
     embedding_model: str,
     tokens: TokenPublisher,
+    leases: LeaseKeeper,
 ) -> Outcome:
-    history = crud.ancestors(session, generation_id=job.parent_generation_id)
+    """Generate on the engine, then store the generation with its embeddings.
+
+    No database connection is held while the engine generates.
+    """
+    with factory() as session:
+        history = crud.ancestors(session, generation_id=job.parent_generation_id)
     model = runtime.chat_model(job.model)
     params = job.params
     started = time.perf_counter()
     try:
-        out = model.generate(
+        handle = runtime.engine.generate(
+            model,
             encode_job(model, job, history),
-            max_new_tokens=params["max_tokens"],
-            temperature=params["temperature"],
-            top_p=params["top_p"],
-            seed=params["seed"],
-            stop=params["stop"],
-            should_cancel=CancelWatch(factory, job.id, lease_s),
-            on_token=tokens,
+            SamplingParams(
+                max_new_tokens=params["max_tokens"],
+                temperature=params["temperature"],
+                top_p=params["top_p"],
+                seed=params["seed"],
+                stop=tuple(params["stop"]),
+            ),
         )
     except ValueError as exc:  # the input does not fit the model (too long, say)
         message = f"the input does not fit {job.model} (context {model.context_length}): {exc}"
-        return _reject(session, job, message, param="messages", code="context_length_exceeded")
+        with factory() as session:
+            return _reject(session, job, message, param="messages", code="context_length_exceeded")
+    try:
+        out = _follow(handle, tokens, leases.watch(job.id))
+    finally:
+        leases.release(job.id)
     generate_s = time.perf_counter() - started
     if out.finish_reason == "cancelled":
-        crud.finish_job(session, job_id=job.id, status="cancelled")
-        session.commit()
+        with factory() as session:
+            crud.finish_job(session, job_id=job.id, status="cancelled")
+            session.commit()
         return Outcome("cancelled")
     generation = _generation_row(job, out, model, generate_s)
     vectors = _embed(
@@ -162,19 +173,20 @@ def _generate(
     )
     spec = get_spec(embedding_model)
     assert spec.dimension is not None
-    stored = crud.store_generation(
-        session,
-        job=job,
-        generation=generation,
-        vectors=vectors,
-        model=embedding_model,
-        dimension=spec.dimension,
-    )
-    session.commit()
+    with factory() as session:
+        stored = crud.store_generation(
+            session,
+            job=job,
+            generation=generation,
+            vectors=vectors,
+            model=embedding_model,
+            dimension=spec.dimension,
+        )
+        session.commit()
     return Outcome("succeeded", generation.id) if stored else Outcome("skipped")
 
 
-def _embed_texts(session: Session, runtime: ModelRuntime, job: Job) -> Outcome:
+def _embed_texts(factory: sessionmaker[Session], runtime: ModelRuntime, job: Job) -> Outcome:
     """An embeddings request: the vectors go to job.result as base64 of float32."""
     embedder = runtime.embedder(job.model)
     texts: list[str] = job.input["texts"]
@@ -185,14 +197,16 @@ def _embed_texts(session: Session, runtime: ModelRuntime, job: Job) -> Outcome:
                 f"input[{index}] is {count} tokens; {job.model} embeds at most "
                 f"{embedder.max_tokens}"
             )
-            return _reject(session, job, message, param="input", code="context_length_exceeded")
-    vectors = embedder.encode(texts).astype("<f4")
+            with factory() as session:
+                return _reject(session, job, message, param="input", code="context_length_exceeded")
+    vectors = runtime.embed(job.model, texts).astype("<f4")
     result = {
         "embeddings": [base64.b64encode(vector.tobytes()).decode() for vector in vectors],
         "prompt_tokens": sum(counts),
     }
-    finished = crud.finish_job(session, job_id=job.id, status="succeeded", result=result)
-    session.commit()
+    with factory() as session:
+        finished = crud.finish_job(session, job_id=job.id, status="succeeded", result=result)
+        session.commit()
     return Outcome("succeeded") if finished else Outcome("skipped")
 
 
@@ -201,7 +215,7 @@ def run_job(
     runtime: ModelRuntime,
     job_id: str,
     *,
-    lease_s: float,
+    leases: LeaseKeeper,
     embedding_model: str,
     events: EventSink | None = None,
 ) -> Outcome:
@@ -209,30 +223,29 @@ def run_job(
 
     A generation and its embeddings are stored in one transaction. An interactive job's
     tokens are published to events as they come, and its end after the commit (batch jobs
-    have no reader).
+    have no reader). Many jobs run at once in one worker (its thread pool); their
+    generations share the engine's batch.
     """
     with factory() as session:
-        job = crud.claim_job(session, job_id=job_id, lease_s=lease_s)
-        if job is None:
-            return Outcome("skipped")  # done, cancelled, or running elsewhere
-        batch_id = job.batch_id
-        # Every waiting request wakes on the stream's end, embeddings requests too.
-        tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
-        tokens.start()
-        if get_spec(job.model).task == "embedding":
-            outcome = _embed_texts(session, runtime, job)
-        else:
-            outcome = _generate(
-                session,
-                factory,
-                runtime,
-                job,
-                lease_s=lease_s,
-                embedding_model=embedding_model,
-                tokens=tokens,
-            )
-        tokens.end(outcome.status)
-    return replace(outcome, batch_id=batch_id)
+        job = crud.claim_job(session, job_id=job_id, lease_s=leases.lease_s)
+    if job is None:
+        return Outcome("skipped")  # done, cancelled, or running elsewhere
+    # Every waiting request wakes on the stream's end, embeddings requests too.
+    tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
+    tokens.start()
+    if get_spec(job.model).task == "embedding":
+        outcome = _embed_texts(factory, runtime, job)
+    else:
+        outcome = _generate(
+            factory,
+            runtime,
+            job,
+            embedding_model=embedding_model,
+            tokens=tokens,
+            leases=leases,
+        )
+    tokens.end(outcome.status)
+    return replace(outcome, batch_id=job.batch_id)
 
 
 def fail_job(factory: sessionmaker[Session], job_id: str, error: str) -> None:

@@ -48,7 +48,7 @@ def run_job(job_id: str) -> str:
         context.sessionmaker,
         context.runtime,
         job_id,
-        lease_s=context.lease_s,
+        leases=context.leases,
         embedding_model=context.embedding_model,
         events=context.events,
     )

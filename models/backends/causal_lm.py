@@ -1,130 +1,28 @@
 """Runtime wrapper around a causal language model: prompt encoding and our own decoding loop.
 
-The loop runs one forward pass per token over a KV cache instead of calling `model.generate`,
-so that cancellation, stop strings and streaming are checked between every two tokens.
+Decoding runs one forward pass per token over a KV cache (models/backends/decoding.py)
+instead of calling `model.generate`, so that cancellation, stop strings and streaming are
+checked between every two tokens, and so that sequences can share a batch.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import DynamicCache
-
-from models.backends.sampling import sample_next_token
+from models.backends.decoding import (
+    BatchDecoder,
+    DecodeRequest,
+    GenerationOutput,
+    SamplingParams,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CHAT_ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length", "cancelled")
-# Prompt tokens decoded in front of the completion so that tokenizers which drop a leading
-# space when decoding a sequence's first token (SentencePiece) still stream it; the same
-# trick as text-generation-inference's incremental detokenizer.
-_DETOKENIZE_CONTEXT = 5
-_REPLACEMENT_CHAR = "\ufffd"
-
-
-@dataclass
-class GenerationOutput:
-    """Result of `CausalLM.generate`.
-
-    Attributes:
-        text: Completion text, without the stop string or EOS token that ended it.
-        token_ids: Every token sampled, including a final EOS token and the tokens that
-            spelled a stop string.
-        prompt_tokens: Number of prompt tokens.
-        completion_tokens: len(token_ids).
-        finish_reason: "stop" (EOS or a stop string), "length" (max_new_tokens reached) or
-            "cancelled" (should_cancel returned True).
-    """
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-
-
-class _TextAssembler:
-    """Turns sampled token ids into text, streaming only what is final.
-
-    Text is released once it is complete UTF-8 (a byte-level token may carry half a
-    character) and once it can no longer turn out to be the start of a stop string.
-    """
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        context_ids: list[int],
-        stop: Sequence[str],
-        on_token: Callable[[str], None] | None,
-    ) -> None:
-        self._tokenizer = tokenizer
-        self._ids = list(context_ids)
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
-        self._stop = tuple(stop)
-        self._max_stop_len = max((len(s) for s in self._stop), default=0)
-        self._on_token = on_token
-        self._emitted = 0
-        self.text = ""
-        self.stopped = False
-
-    def add(self, token_id: int) -> bool:
-        """Append one token; returns True when the text now contains a stop string."""
-        self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
-            return False
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return self._append(new_text[len(prefix_text) :])
-
-    def finish(self) -> str:
-        """Flush pending text (an incomplete character decodes to U+FFFD) and return it all."""
-        if not self.stopped:
-            prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-            self._append(self._decode(self._ids[self._prefix_offset :])[len(prefix_text) :])
-        self._emit(len(self.text))
-        return self.text
-
-    def _decode(self, ids: list[int]) -> str:
-        return cast(str, self._tokenizer.decode(ids, skip_special_tokens=True))
-
-    def _append(self, delta: str) -> bool:
-        if not delta:
-            return False
-        # Only a stop string overlapping the new delta can be new.
-        search_from = max(0, len(self.text) - self._max_stop_len + 1)
-        self.text += delta
-        hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-            self._emit(len(self.text))
-            return True
-        self._emit(len(self.text) - self._stop_prefix_length())
-        return False
-
-    def _stop_prefix_length(self) -> int:
-        """Length of the longest end of `text` that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self._stop:
-            for length in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:length]):
-                    longest = length
-                    break
-        return longest
-
-    def _emit(self, end: int) -> None:
-        if end > self._emitted:
-            if self._on_token is not None:
-                self._on_token(self.text[self._emitted : end])
-            self._emitted = end
 
 
 class CausalLM:
@@ -156,6 +54,8 @@ class CausalLM:
         self.context_length = context_length
         self.vocab_size = int(model.config.vocab_size)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        # Job threads encode while the engine thread decodes with the same tokenizer.
+        self.tokenizer_lock = threading.Lock()
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize raw text (no chat template).
@@ -166,7 +66,8 @@ class CausalLM:
         Returns:
             Token ids, with whatever special tokens the tokenizer adds by default.
         """
-        ids: list[int] = self.tokenizer(text)["input_ids"]
+        with self.tokenizer_lock:
+            ids: list[int] = self.tokenizer(text)["input_ids"]
         return ids
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -187,11 +88,12 @@ class CausalLM:
                     f"messages[{index}] must be {{'role': one of {CHAT_ROLES}, "
                     f"'content': str}}, got {message!r}"
                 )
-        rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        # The template already spells out the special tokens; do not add BOS twice.
-        ids: list[int] = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        with self.tokenizer_lock:
+            rendered = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            # The template already spells out the special tokens; do not add BOS twice.
+            ids: list[int] = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return ids
 
     def count_tokens(self, text: str) -> int:
@@ -217,7 +119,7 @@ class CausalLM:
         should_cancel: Callable[[], bool] | None = None,
         on_token: Callable[[str], None] | None = None,
     ) -> GenerationOutput:
-        """Continue `prompt_ids` one token at a time.
+        """Continue `prompt_ids` one token at a time, alone.
 
         Args:
             prompt_ids: Non-empty prompt, e.g. from `encode_chat`.
@@ -233,44 +135,56 @@ class CausalLM:
         Returns:
             A `GenerationOutput`.
         """
-        self._check_generate_args(prompt_ids, max_new_tokens, temperature, top_p, seed, stop)
-        generator = _make_generator(self.device, seed) if temperature > 0 else None
-        assembler = _TextAssembler(
-            self.tokenizer,
-            context_ids=prompt_ids[-_DETOKENIZE_CONTEXT:],
-            stop=stop,
-            on_token=on_token,
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop if isinstance(stop, str) else tuple(stop),  # type: ignore[arg-type]
         )
-        token_ids: list[int] = []
-        finish_reason = "length"
-        cache = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            while len(token_ids) < max_new_tokens:
-                if should_cancel is not None and should_cancel():
-                    finish_reason = "cancelled"
-                    break
-                # logits_to_keep=1: the prefill needs only the last position's logits.
-                logits = self.model(
-                    input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-                ).logits[:, -1, :]
-                next_token = sample_next_token(
-                    logits, temperature=temperature, top_p=top_p, generator=generator
-                )
-                token_ids.append(int(next_token.item()))
-                if token_ids[-1] in self.eos_token_ids or assembler.add(token_ids[-1]):
-                    finish_reason = "stop"
-                    break
-                input_ids = next_token.view(1, 1)
-        text = assembler.finish()
-        if assembler.stopped and finish_reason == "length":
-            finish_reason = "stop"  # the flushed tail completed a stop string
-        return GenerationOutput(
-            text=text,
-            token_ids=token_ids,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(token_ids),
-            finish_reason=finish_reason,
+        decoder = self.decoder(max_batch=1)
+        decoder.add(
+            self.request(prompt_ids, params, should_cancel=should_cancel, on_token=on_token)
+        )
+        while True:
+            for _request, output in decoder.step():
+                return output
+
+    def request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        should_cancel: Callable[[], bool] | None = None,
+        on_token: Callable[[str], None] | None = None,
+    ) -> DecodeRequest:
+        """A checked request for a `BatchDecoder` of this model.
+
+        Raises:
+            ValueError: The prompt or the params do not fit this model.
+        """
+        self._check_generate_args(
+            prompt_ids,
+            params.max_new_tokens,
+            params.temperature,
+            params.top_p,
+            params.seed,
+            params.stop,
+        )
+        return DecodeRequest(
+            list(prompt_ids), params, should_cancel=should_cancel, on_token=on_token
+        )
+
+    def decoder(self, *, max_batch: int, max_prefill_tokens: int = 4096) -> BatchDecoder:
+        """A continuous-batching decoder over this model (see models/backends/decoding.py)."""
+        return BatchDecoder(
+            self.model,
+            self.tokenizer,
+            device=self.device,
+            eos_token_ids=self.eos_token_ids,
+            max_batch=max_batch,
+            max_prefill_tokens=max_prefill_tokens,
+            tokenizer_lock=self.tokenizer_lock,
         )
 
     def _check_generate_args(
@@ -318,12 +232,3 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     elif configured is not None:
         ids.update(int(i) for i in configured)
     return frozenset(ids)
-
-
-def _make_generator(device: str, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator

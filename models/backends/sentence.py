@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,9 @@ class SentenceEmbedder:
         self.model = model
         self.name = name
         self.dimension = dimension
+        # The Rust tokenizer is reconfigured by each call (padding, truncation): two threads
+        # must not use it at once.
+        self._lock = threading.Lock()
 
     def encode(self, texts: list[str], *, batch_size: int = 64) -> np.ndarray:
         """Embed texts; inputs longer than the model's max_seq_length are truncated.
@@ -68,13 +72,14 @@ class SentenceEmbedder:
             raise ValueError("texts must be a list of strings")
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        embeddings = self.model.encode(
-            list(texts),
-            batch_size=batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+        with self._lock:
+            embeddings = self.model.encode(
+                list(texts),
+                batch_size=batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return np.asarray(embeddings, dtype=np.float32)
 
     @property
@@ -93,7 +98,8 @@ class SentenceEmbedder:
         Returns:
             One count per text.
         """
-        encoded = self.model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        with self._lock:
+            encoded = self.model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         return [len(ids) for ids in encoded]
 
 

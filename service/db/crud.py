@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -532,15 +532,20 @@ def claim_job(session: Session, *, job_id: str, lease_s: float) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
 
-def renew_lease(session: Session, *, job_id: str, lease_s: float) -> bool:
-    """Extend a running job's lease; returns whether cancellation was asked for."""
+def renew_leases(session: Session, *, job_ids: Collection[str], lease_s: float) -> set[str]:
+    """Extend the leases of those jobs still running; returns the ids asked to cancel."""
+    if not job_ids:
+        return set()
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id.in_(job_ids), Job.status == "running")
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
     )
     session.commit()
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return set(
+        session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested.is_(True)))
+    )
 
 
 def finish_job(

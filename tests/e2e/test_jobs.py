@@ -6,6 +6,7 @@ import time
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service.db import crud
 from service.db.session import make_engine, make_sessionmaker
@@ -159,7 +160,7 @@ def test_failed_generation_leaves_reason_and_worker_serves_on(live: Live) -> Non
     assert after["status"] == "succeeded"
 
 
-def test_cancel_running_and_queued(live: Live) -> None:
+def test_jobs_share_the_batch_and_a_running_one_can_be_cancelled(live: Live) -> None:
     long = {
         "model": "smollm2-135m-instruct",
         "input": {"prompt": "Count from 1 to 1000.", "raw": True},
@@ -167,20 +168,55 @@ def test_cancel_running_and_queued(live: Live) -> None:
     }
     with live.service.client(live.writer) as client:
         running = submit(client, **long)
-        queued = submit(client, input={"prompt": "behind the long one"})
         deadline = time.monotonic() + 120
         while client.get(f"/v1/jobs/{running['id']}").json()["status"] == "queued":
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        cancelled_queued = client.post(f"/v1/jobs/{queued['id']}/cancel").json()
+        # Submitted while the long job decodes: it joins that job's batch.
+        beside = submit(client, **{**long, "params": {"max_tokens": 8, "temperature": 0}})
+        beside_done = wait_for_job(client, beside["id"], timeout=120)
+        still_running = client.get(f"/v1/jobs/{running['id']}").json()["status"]
+        generation = client.get(f"/v1/generations/{beside_done['generation_id']}").json()
         client.post(f"/v1/jobs/{running['id']}/cancel")
         running_done = wait_for_job(client, running["id"], timeout=60)
-        queued_done = wait_for_job(client, queued["id"])
-        again = client.post(f"/v1/jobs/{queued['id']}/cancel")
-    assert cancelled_queued["status"] == "cancelled"
+    assert beside_done["status"] == "succeeded" and still_running == "running"
+    assert generation["timings"]["batch_peak"] >= 2
     assert running_done["status"] == "cancelled" and running_done["generation_id"] is None
-    assert queued_done["status"] == "cancelled" and queued_done["attempts"] == 0
+
+
+def test_a_queued_job_cancelled_never_runs(live: Live) -> None:
+    engine = make_engine(live.database_url)
+    with make_sessionmaker(engine)() as session:
+        key = crud.get_api_key(session, plaintext=live.writer)
+        assert key is not None
+        job = _unpublished_job(session, key.tenant_id, "cancelled before it is published")
+    engine.dispose()
+    with live.service.client(live.writer) as client:
+        cancelled = client.post(f"/v1/jobs/{job.id}/cancel").json()
+        time.sleep(3)  # past GENSERVE_REQUEUE_AFTER_S: the sweeper must leave it alone
+        done = client.get(f"/v1/jobs/{job.id}").json()
+        again = client.post(f"/v1/jobs/{job.id}/cancel")
+    assert cancelled["status"] == "cancelled"
+    assert done["status"] == "cancelled" and done["attempts"] == 0
     assert again.status_code == 200
+
+
+def _unpublished_job(session: Session, tenant_id: str, prompt: str) -> Job:
+    """A job committed but not published, as if the API died between the two steps."""
+    job = crud.create_job(
+        session,
+        tenant_id=tenant_id,
+        model=TINY,
+        queue="interactive",
+        input={"prompt": prompt},
+        params={"max_tokens": 4, "temperature": 0, "top_p": 1.0, "seed": None, "stop": []},
+        metadata={},
+        conversation_id=None,
+        parent_generation_id=None,
+    )
+    session.commit()
+    assert session.scalar(select(Job.published_at).where(Job.id == job.id)) is None
+    return job
 
 
 def test_lost_publish_is_recovered_by_the_sweeper(live: Live) -> None:
@@ -189,19 +225,7 @@ def test_lost_publish_is_recovered_by_the_sweeper(live: Live) -> None:
     with make_sessionmaker(engine)() as session:
         key = crud.get_api_key(session, plaintext=live.writer)
         assert key is not None
-        job = crud.create_job(
-            session,
-            tenant_id=key.tenant_id,
-            model=TINY,
-            queue="interactive",
-            input={"prompt": "never published"},
-            params={"max_tokens": 4, "temperature": 0, "top_p": 1.0, "seed": None, "stop": []},
-            metadata={},
-            conversation_id=None,
-            parent_generation_id=None,
-        )
-        session.commit()
-        assert session.scalar(select(Job.published_at).where(Job.id == job.id)) is None
+        job = _unpublished_job(session, key.tenant_id, "never published")
     engine.dispose()
     with live.service.client(live.writer) as client:
         done = wait_for_job(client, job.id, timeout=60)

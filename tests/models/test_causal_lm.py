@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models.backends import load_model
-from models.backends.causal_lm import CausalLM, _TextAssembler
+from models.backends.causal_lm import CausalLM
+from models.backends.decoding import TextAssembler
 from models.registry import get_spec
 
 
@@ -138,7 +139,7 @@ def test_on_token_deltas_concatenate_to_text(tiny_lm: CausalLM, prompt: list[int
 
 def test_text_assembler_waits_for_complete_characters(tiny_lm: CausalLM) -> None:
     streamed: list[str] = []
-    assembler = _TextAssembler(tiny_lm.tokenizer, context_ids=[], stop=[], on_token=streamed.append)
+    assembler = TextAssembler(tiny_lm.tokenizer, context_ids=[], stop=[], on_token=streamed.append)
     for byte in "a日b".encode():
         assembler.add(byte)
     assert streamed == ["a", "日", "b"]
@@ -147,7 +148,7 @@ def test_text_assembler_waits_for_complete_characters(tiny_lm: CausalLM) -> None
 
 def test_text_assembler_holds_back_possible_stop_prefix(tiny_lm: CausalLM) -> None:
     streamed: list[str] = []
-    assembler = _TextAssembler(
+    assembler = TextAssembler(
         tiny_lm.tokenizer, context_ids=[], stop=["END"], on_token=streamed.append
     )
     for byte in b"xEN":
@@ -158,7 +159,7 @@ def test_text_assembler_holds_back_possible_stop_prefix(tiny_lm: CausalLM) -> No
 
 
 def test_text_assembler_flushes_incomplete_character(tiny_lm: CausalLM) -> None:
-    assembler = _TextAssembler(tiny_lm.tokenizer, context_ids=[], stop=[], on_token=None)
+    assembler = TextAssembler(tiny_lm.tokenizer, context_ids=[], stop=[], on_token=None)
     for byte in "ok日".encode()[:-1]:
         assembler.add(byte)
     assert assembler.finish() == "ok\ufffd"

@@ -11,6 +11,7 @@ import torch
 
 from models.backends import load_model
 from models.backends.causal_lm import CausalLM
+from models.backends.decoding import SamplingParams
 from models.backends.sentence import SentenceEmbedder
 from models.backends.smollm2 import MARKER_FILENAME, gguf_path
 from models.registry import get_spec
@@ -90,6 +91,42 @@ def test_smollm2_seeded_sampling_is_reproducible(smollm2: CausalLM) -> None:
     assert first == sample()
     text = smollm2.tokenizer.decode(first, skip_special_tokens=True)
     assert sum(c.isalpha() for c in text) > len(text) / 2
+
+
+TOPICS = [
+    "the sea",
+    "copper",
+    "compilers",
+    "sleep",
+    "a sunrise in the mountains",
+    "photosynthesis",
+    "grey cats",
+    "why the sky is blue",
+]
+
+
+def test_smollm2_batched_greedy_equals_alone(smollm2: CausalLM) -> None:
+    """32 prompts of mixed lengths and budgets, arriving while others decode."""
+    prompts = [
+        smollm2.encode_chat(
+            [{"role": "user", "content": f"{'Please, ' * (i % 5)}tell me about {topic}."}]
+        )
+        for i, topic in enumerate(TOPICS * 4)
+    ]
+    params = [SamplingParams(max_new_tokens=2 + (i * 5) % 16, temperature=0) for i in range(32)]
+    decoder = smollm2.decoder(max_batch=32)
+    requests = [smollm2.request(p, q) for p, q in zip(prompts, params, strict=True)]
+    outputs = {}
+    for start in range(0, 32, 4):
+        for request in requests[start : start + 4]:
+            decoder.add(request)
+        outputs.update({id(r): o for r, o in decoder.step()})
+    while decoder.has_work:
+        outputs.update({id(r): o for r, o in decoder.step()})
+    for prompt, param, request in zip(prompts, params, requests, strict=True):
+        want = smollm2.generate(prompt, max_new_tokens=param.max_new_tokens, temperature=0)
+        assert outputs[id(request)].token_ids == want.token_ids
+    assert max(o.peak_batch for o in outputs.values()) > 16
 
 
 def test_concurrent_first_loads_convert_once(tmp_path: Path) -> None:

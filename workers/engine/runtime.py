@@ -1,4 +1,5 @@
-"""The models of one worker process, each loaded once and kept (DESIGN rule 4)."""
+"""The models of one worker process, each loaded once and kept (DESIGN rule 4), and the
+engine that computes with them."""
 
 from __future__ import annotations
 
@@ -8,18 +9,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from models.backends import load_model, select_device
 from models.backends.causal_lm import CausalLM
 from models.backends.sentence import SentenceEmbedder
 from models.registry import get_spec
+from workers.engine.engine import Engine, EngineLimits
 
 logger = logging.getLogger("genserve.worker")
 
 
 class ModelRuntime:
-    def __init__(self, *, cache_dir: Path, device: str = "auto") -> None:
+    """Loads models on first use and runs their work on one engine thread.
+
+    Args:
+        cache_dir: Where loaders keep converted weights.
+        device: "auto", "cpu", "cuda" or "cuda:N" (models.backends.select_device).
+        limits: Batch limits of the engine.
+    """
+
+    def __init__(
+        self, *, cache_dir: Path, device: str = "auto", limits: EngineLimits | None = None
+    ) -> None:
         self.cache_dir = cache_dir
         self.device, self.dtype = select_device(device)
+        self.engine = Engine(limits)
         self._models: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -44,3 +59,8 @@ class ModelRuntime:
         model = self._get(name)
         assert isinstance(model, SentenceEmbedder), f"{name} is not an embedding model"
         return model
+
+    def embed(self, name: str, texts: list[str]) -> np.ndarray:
+        """Embed texts with model `name` on the engine thread, between decoding steps."""
+        embedder = self.embedder(name)
+        return self.engine.call(lambda: embedder.encode(texts))

@@ -1,0 +1,180 @@
+"""Continuous batching (models/backends/decoding.py) against decoding each sequence alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from models.backends import load_model
+from models.backends.causal_lm import CausalLM
+from models.backends.decoding import BatchDecoder, DecodeRequest, GenerationOutput, SamplingParams
+from models.registry import get_spec
+
+WORDS = "the sea a cat runs over green hills while old stars burn slowly in cold night".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
+    model = load_model(
+        get_spec("tiny-random-llama"),
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        device="cpu",
+        dtype=torch.float32,
+    )
+    assert isinstance(model, CausalLM)
+    return model
+
+
+def mixed_prompts(lm: CausalLM, count: int, seed: int = 0) -> list[list[int]]:
+    """Chat prompts from 1 to 60 words: lengths differ by up to a few hundred tokens."""
+    rng = random.Random(seed)
+    return [
+        lm.encode_chat(
+            [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 60)))}]
+        )
+        for _ in range(count)
+    ]
+
+
+def run_batched(
+    decoder: BatchDecoder, requests: list[DecodeRequest], *, arrive_per_step: int
+) -> dict[int, GenerationOutput]:
+    """Feed `arrive_per_step` new requests before each step, as traffic would."""
+    outputs: dict[int, GenerationOutput] = {}
+    pending = list(requests)
+    while pending or decoder.has_work:
+        for request in pending[:arrive_per_step]:
+            decoder.add(request)
+        del pending[:arrive_per_step]
+        outputs.update({id(request): output for request, output in decoder.step()})
+    return outputs
+
+
+def alone(lm: CausalLM, prompt: list[int], params: SamplingParams) -> GenerationOutput:
+    return lm.generate(
+        prompt,
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop=params.stop,
+    )
+
+
+def test_greedy_batched_equals_alone_for_mixed_prompts_and_budgets(tiny_lm: CausalLM) -> None:
+    prompts = mixed_prompts(tiny_lm, 40)
+    params = [SamplingParams(max_new_tokens=1 + (i * 7) % 30, temperature=0) for i in range(40)]
+    expected = [alone(tiny_lm, p, q) for p, q in zip(prompts, params, strict=True)]
+    # A batch smaller than the traffic, so sequences also wait, join and leave.
+    decoder = tiny_lm.decoder(max_batch=12, max_prefill_tokens=1024)
+    requests = [tiny_lm.request(p, q) for p, q in zip(prompts, params, strict=True)]
+    outputs = run_batched(decoder, requests, arrive_per_step=3)
+    for request, want in zip(requests, expected, strict=True):
+        got = outputs[id(request)]
+        assert got.token_ids == want.token_ids
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+    assert max(o.peak_batch for o in outputs.values()) == 12
+    assert not decoder.has_work
+
+
+def test_per_request_sampling_and_stop_strings_hold_inside_a_batch(tiny_lm: CausalLM) -> None:
+    prompts = mixed_prompts(tiny_lm, 16, seed=1)
+    params = []
+    for i, prompt in enumerate(prompts):
+        if i % 4 == 0:  # a stop string this sequence really produces
+            text = alone(tiny_lm, prompt, SamplingParams(max_new_tokens=20, temperature=0)).text
+            params.append(SamplingParams(max_new_tokens=20, temperature=0, stop=(text[5:8],)))
+        else:
+            params.append(
+                SamplingParams(max_new_tokens=8 + i, temperature=0.7 + i / 40, top_p=0.9, seed=i)
+            )
+    expected = [alone(tiny_lm, p, q) for p, q in zip(prompts, params, strict=True)]
+    decoder = tiny_lm.decoder(max_batch=16)
+    requests = [tiny_lm.request(p, q) for p, q in zip(prompts, params, strict=True)]
+    outputs = run_batched(decoder, requests, arrive_per_step=5)
+    for request, want in zip(requests, expected, strict=True):
+        assert outputs[id(request)].token_ids == want.token_ids
+        assert outputs[id(request)].text == want.text
+    stopped = [outputs[id(r)] for r, q in zip(requests, params, strict=True) if q.stop]
+    assert all(o.finish_reason == "stop" for o in stopped)
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_go_on(tiny_lm: CausalLM) -> None:
+    prompts = mixed_prompts(tiny_lm, 6, seed=2)
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    streamed: list[str] = []
+    decoder = tiny_lm.decoder(max_batch=8)
+    requests = [
+        tiny_lm.request(
+            p,
+            params,
+            # The third sequence is cancelled once it has streamed some text.
+            should_cancel=(lambda: bool(streamed)) if i == 2 else None,
+            on_token=streamed.append if i == 2 else None,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    outputs = run_batched(decoder, requests, arrive_per_step=6)
+    cancelled = outputs[id(requests[2])]
+    assert cancelled.finish_reason == "cancelled"
+    assert 1 <= cancelled.completion_tokens < 24
+    for i, request in enumerate(requests):
+        if i != 2:
+            assert outputs[id(request)].token_ids == alone(tiny_lm, prompts[i], params).token_ids
+
+
+def test_waiting_sequences_can_be_cancelled_before_they_start(tiny_lm: CausalLM) -> None:
+    prompt = mixed_prompts(tiny_lm, 1)[0]
+    decoder = tiny_lm.decoder(max_batch=1)
+    first = tiny_lm.request(prompt, SamplingParams(max_new_tokens=5, temperature=0))
+    second = tiny_lm.request(
+        prompt, SamplingParams(max_new_tokens=5, temperature=0), should_cancel=lambda: True
+    )
+    outputs = run_batched(decoder, [first, second], arrive_per_step=2)
+    assert outputs[id(second)].finish_reason == "cancelled"
+    assert outputs[id(second)].completion_tokens == 0
+    assert outputs[id(first)].completion_tokens == 5
+
+
+def test_prefill_is_split_to_respect_max_prefill_tokens(tiny_lm: CausalLM) -> None:
+    prompts = [p for p in mixed_prompts(tiny_lm, 40, seed=3) if len(p) > 100][:4]
+    assert len(prompts) == 4
+    limit = 2 * max(len(p) for p in prompts)
+    decoder = tiny_lm.decoder(max_batch=8, max_prefill_tokens=limit)
+    for prompt in prompts:
+        decoder.add(tiny_lm.request(prompt, SamplingParams(max_new_tokens=50, temperature=0)))
+    decoder.step()
+    assert (decoder.running, decoder.waiting) == (2, 2)
+    decoder.step()
+    assert (decoder.running, decoder.waiting) == (4, 0)
+
+
+def test_a_failed_step_gives_every_request_back(tiny_lm: CausalLM) -> None:
+    def broken(_text: str) -> None:
+        raise RuntimeError("the reader went away")
+
+    prompts = mixed_prompts(tiny_lm, 3, seed=4)
+    decoder = tiny_lm.decoder(max_batch=2)
+    requests = [
+        tiny_lm.request(p, SamplingParams(max_new_tokens=9, temperature=0), on_token=broken)
+        for p in prompts
+    ]
+    for request in requests:
+        decoder.add(request)
+    with pytest.raises(RuntimeError, match="went away"):
+        decoder.step()
+    assert set(map(id, decoder.abort())) == set(map(id, requests))
+    assert not decoder.has_work
+    # The decoder is usable again.
+    request = tiny_lm.request(prompts[0], SamplingParams(max_new_tokens=4, temperature=0))
+    decoder.add(request)
+    assert run_batched(decoder, [], arrive_per_step=1)[id(request)].completion_tokens == 4
+
+
+def test_checks_happen_before_a_request_reaches_the_batch(tiny_lm: CausalLM) -> None:
+    with pytest.raises(ValueError, match="must be <= 512"):
+        tiny_lm.request([97] * 500, SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_lm.request([97], SamplingParams(max_new_tokens=2, temperature=3.0))
