@@ -212,6 +212,46 @@ class _Sequence:
         )
 
 
+class _GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values are views of buffers with room to grow.
+
+    transformers' DynamicLayer concatenates the whole cache with each new token, copying
+    every row's keys and values on every step (a fifth of a decoding step of a full batch
+    on a CPU). Here a step writes its column in place; the buffers grow by `_ROOM`
+    columns at a time, so the copy happens once every `_ROOM` steps.
+    """
+
+    _ROOM = 64
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._reserve(keys, values)
+
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        rows, heads, width, dim = keys.shape
+        self._key_buffer = keys.new_empty(rows, heads, width + self._ROOM, dim)
+        self._value_buffer = values.new_empty(rows, heads, width + self._ROOM, values.shape[-1])
+        self._key_buffer[:, :, :width] = keys
+        self._value_buffer[:, :, :width] = values
+        self.keys = self._key_buffer[:, :, :width]
+        self.values = self._value_buffer[:, :, :width]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = _kv(self)
+        width, new = keys.shape[-2], key_states.shape[-2]
+        if width + new > self._key_buffer.shape[-2]:
+            self._reserve(keys, values)
+        self._key_buffer[:, :, width : width + new] = key_states
+        self._value_buffer[:, :, width : width + new] = value_states
+        self.keys = self._key_buffer[:, :, : width + new]
+        self.values = self._value_buffer[:, :, : width + new]
+        return self.keys, self.values
+
+
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zero-pad `tensor` on the left of `dim` up to `width` (dim counted from the end)."""
     missing = width - tensor.shape[dim]
@@ -303,34 +343,43 @@ class KVBatch:
         # Columns that are padding in every kept row lie at the left; cut them off.
         first = int(mask.any(0).to(torch.int8).argmax())
         mask = mask[:, first:]
-        for layer in self._layers():
-            keys, values = _kv(layer)
-            layer.keys = keys.index_select(0, index)[:, :, first:]
-            layer.values = values.index_select(0, index)[:, :, first:]
+        self._cache.layers = [
+            _GrowingLayer(
+                keys.index_select(0, index)[:, :, first:],
+                values.index_select(0, index)[:, :, first:],
+            )
+            for keys, values in map(_kv, self._layers())
+        ]
         self._mask = mask
         self._positions = self._positions.index_select(0, index)
         self._padded = bool((mask == 0).any())
 
     def _append(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         positions = mask.sum(-1)
+        new_layers = _layers_of(cache)
         if self._cache is None:
+            cache.layers = [_GrowingLayer(*_kv(layer)) for layer in new_layers]
             self._cache, self._mask, self._positions = cache, mask, positions
             self._padded = bool((mask == 0).any())
             return
         width = max(self.width, int(mask.shape[1]))
-        for old, new in zip(self._layers(), _layers_of(cache), strict=True):
+        merged = []
+        for old, new in zip(self._layers(), new_layers, strict=True):
             (old_keys, old_values), (new_keys, new_values) = _kv(old), _kv(new)
-            old.keys = torch.cat([_left_pad(old_keys, width, -2), _left_pad(new_keys, width, -2)])
-            old.values = torch.cat(
-                [_left_pad(old_values, width, -2), _left_pad(new_values, width, -2)]
+            merged.append(
+                _GrowingLayer(
+                    torch.cat([_left_pad(old_keys, width, -2), _left_pad(new_keys, width, -2)]),
+                    torch.cat([_left_pad(old_values, width, -2), _left_pad(new_values, width, -2)]),
+                )
             )
+        self._cache.layers = merged  # type: ignore[assignment]
         self._mask = torch.cat([_left_pad(self._mask, width, -1), _left_pad(mask, width, -1)])
         self._positions = torch.cat([self._positions, positions])
         self._padded = bool((self._mask == 0).any())
 
     def _layers(self) -> list[DynamicLayer]:
         assert self._cache is not None
-        return _layers_of(self._cache)
+        return cast(list[DynamicLayer], self._cache.layers)
 
     def _reset(self) -> None:
         self._cache = None

@@ -67,7 +67,9 @@ def load(spec: ModelSpec, *, cache_dir: Path, device: str, dtype: torch.dtype) -
     """
     model_dir = ensure_converted(spec, cache_dir=Path(cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    )
     model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
     return CausalLM(
         model, tokenizer, name=spec.name, device=device, context_length=spec.context_length

@@ -48,7 +48,11 @@ def get_caller(
     key = crud.get_api_key(session, plaintext=credentials.credentials)
     if key is None:
         raise Unauthorized("invalid or revoked API key")
-    return Caller(key_id=key.id, tenant_id=key.tenant_id, tenant=key.tenant.name, role=key.role)
+    caller = Caller(key_id=key.id, tenant_id=key.tenant_id, tenant=key.tenant.name, role=key.role)
+    # Give the connection back now: the session lives as long as the response, and a
+    # streamed response may last minutes. A route that uses the session begins anew.
+    session.close()
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
