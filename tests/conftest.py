@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from models.backends.causal_lm import CausalLM
 from service.db.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,22 @@ def model_cache_dir() -> Path:
     path = Path(os.environ["GENSERVE_TEST_MODEL_CACHE"])
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
+    """The tiny random Llama (built in code), loaded once for the unit tests."""
+    from models.backends import load_model
+    from models.registry import get_spec
+
+    model = load_model(
+        get_spec("tiny-random-llama"),
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        device="cpu",
+        dtype=torch.float32,
+    )
+    assert isinstance(model, CausalLM)
+    return model
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from service.db import crud
 from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import Job
 from tests.e2e.conftest import Live
+from tests.utils.factories import make_job
 from tests.utils.server import wait_for_job
 
 pytestmark = pytest.mark.e2e
@@ -201,20 +202,9 @@ def test_a_queued_job_cancelled_never_runs(live: Live) -> None:
     assert again.status_code == 200
 
 
-def _unpublished_job(session: Session, tenant_id: str, prompt: str) -> Job:
+def _unpublished_job(session: Session, tenant_id: int, prompt: str) -> Job:
     """A job committed but not published, as if the API died between the two steps."""
-    job = crud.create_job(
-        session,
-        tenant_id=tenant_id,
-        model=TINY,
-        queue="interactive",
-        input={"prompt": prompt},
-        params={"max_tokens": 4, "temperature": 0, "top_p": 1.0, "seed": None, "stop": []},
-        metadata={},
-        conversation_id=None,
-        parent_generation_id=None,
-    )
-    session.commit()
+    job = make_job(session, tenant_id, model=TINY, prompt=prompt, max_tokens=4)
     assert session.scalar(select(Job.published_at).where(Job.id == job.id)) is None
     return job
 

@@ -12,18 +12,6 @@ from models.registry import get_spec
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
-    model = load_model(
-        get_spec("tiny-random-llama"),
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        device="cpu",
-        dtype=torch.float32,
-    )
-    assert isinstance(model, CausalLM)
-    return model
-
-
-@pytest.fixture(scope="module")
 def prompt(tiny_lm: CausalLM) -> list[int]:
     return tiny_lm.encode_chat([{"role": "user", "content": "Say something."}])
 

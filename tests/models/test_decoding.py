@@ -5,26 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
-from models.backends import load_model
 from models.backends.causal_lm import CausalLM
 from models.backends.decoding import BatchDecoder, DecodeRequest, GenerationOutput, SamplingParams
-from models.registry import get_spec
 
 WORDS = "the sea a cat runs over green hills while old stars burn slowly in cold night".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
-    model = load_model(
-        get_spec("tiny-random-llama"),
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        device="cpu",
-        dtype=torch.float32,
-    )
-    assert isinstance(model, CausalLM)
-    return model
 
 
 def mixed_prompts(lm: CausalLM, count: int, seed: int = 0) -> list[list[int]]:

@@ -6,26 +6,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-from models.backends import load_model
 from models.backends.causal_lm import CausalLM
 from models.backends.decoding import GenerationOutput, SamplingParams
-from models.registry import get_spec
 from tests.models.test_decoding import mixed_prompts
 from workers.engine.engine import Engine, EngineLimits, GenerationHandle
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
-    model = load_model(
-        get_spec("tiny-random-llama"),
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        device="cpu",
-        dtype=torch.float32,
-    )
-    assert isinstance(model, CausalLM)
-    return model
 
 
 def follow(handle: GenerationHandle) -> tuple[str, GenerationOutput]:
