@@ -310,18 +310,18 @@ class KVBatch:
         self._append(cache, mask)
         return logits
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token to every row.
 
         Args:
-            tokens: Shape (rows,), on the device.
+            tokens: One token id per row, in row order.
 
         Returns:
             The next logits of every row, shape (rows, vocab).
         """
         mask = F.pad(self._mask, (0, 1), value=1)
         logits = self._model(
-            input_ids=tokens.view(-1, 1),
+            input_ids=self._to_device(torch.tensor(tokens, dtype=torch.long).view(-1, 1)),
             attention_mask=mask if self._padded else None,
             position_ids=self._positions.view(-1, 1),
             past_key_values=self._cache,
@@ -496,9 +496,7 @@ class BatchDecoder:
                 self._choose(admitted, logits)
                 self._cancel()
             if self._running:
-                last = [s.token_ids[-1] for s in self._running]
-                tokens = torch.tensor(last, dtype=torch.long)
-                logits = self._batch.decode(self._batch_tensor(tokens))
+                logits = self._batch.decode([s.token_ids[-1] for s in self._running])
                 self._choose(self._running, logits)
         return self._retire()
 
@@ -557,10 +555,10 @@ class BatchDecoder:
             self._waiting.remove(sequence)
             self._finished[sequence.request] = sequence.output()
         # Rows that finished (or were cancelled) leave before the next forward pass.
-        if any(s.done for s in self._running):
-            self._drop_done()
+        self._drop_done()
 
     def _drop_done(self) -> None:
+        """Move finished rows out of the batch (KVBatch.keep is free when none are)."""
         kept = [row for row, s in enumerate(self._running) if not s.done]
         for sequence in self._running:
             if sequence.done:
@@ -569,13 +567,7 @@ class BatchDecoder:
         self._running = [self._running[row] for row in kept]
 
     def _retire(self) -> list[tuple[DecodeRequest, GenerationOutput]]:
-        if any(s.done for s in self._running):
-            self._drop_done()
+        self._drop_done()
         finished = list(self._finished.items())
         self._finished.clear()
         return finished
-
-    def _batch_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self._device.startswith("cuda"):
-            return tokens.pin_memory().to(self._device, non_blocking=True)
-        return tokens
