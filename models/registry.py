@@ -7,8 +7,22 @@ to validate model names, and only workers load weights (through `models.backends
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 FAMILIES = ("transformer", "sentence-embedding")
+
+# The families trained here (models/<arch>.py, behind models.backends.classic): the data
+# each trains on, and the sampling tasks each serves. Kept here, free of torch, so the API
+# can check requests; tests hold each module's FAMILY to it.
+DataKind = Literal["text", "images", "table"]
+TRAINED_FAMILIES: dict[str, tuple[DataKind, frozenset[str]]] = {
+    "char_rnn": ("text", frozenset({"text"})),
+    "vae": ("images", frozenset({"images", "anomaly"})),
+    "gan": ("images", frozenset({"images"})),
+    "diffusion": ("images", frozenset({"images"})),
+    "tabular": ("table", frozenset({"rows"})),
+    "autoencoder": ("images", frozenset({"anomaly"})),
+}
 TASKS = ("chat", "embedding")
 
 

@@ -27,6 +27,22 @@ def _migrate(settings: Settings) -> None:
 
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.sqlalchemy_url)
+    if settings.builtin_models:
+        _register_builtins(settings)
+
+
+def _register_builtins(settings: Settings) -> None:
+    """The checkpoints that ship in the package become model versions everyone can use."""
+    from service.checkpoints import register_builtins
+    from service.db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            register_builtins(session)
+            session.commit()
+    finally:
+        engine.dispose()
 
 
 @app.command()

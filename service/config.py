@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     # Where dequantized / converted weights are cached; empty means data_dir/models.
     model_cache_dir: Path | None = None
     device: str = "auto"
+    # Trained weights (safetensors) are written here; every worker that samples a trained
+    # model must see this folder (a shared volume when workers run on several machines).
+    artifacts_dir: Path | None = None
+    # `genserve migrate` registers the small checkpoints that ship in models/checkpoints.
+    builtin_models: bool = True
 
     worker_queues: Annotated[list[str], NoDecode] = list(QUEUES)
     # The engine (workers/engine) decodes up to max_batch sequences of a model together;
@@ -60,6 +65,8 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(default=4096, ge=1)
     worker_concurrency: int | None = Field(default=None, ge=1)
     worker_pool: Literal["solo", "prefork", "threads"] = "threads"
+    # Training jobs one worker runs at once (the others wait for a slot, still queued).
+    training_concurrency: int = Field(default=1, ge=1)
 
     # Rule 2: a job still queued this long after its last publish is published again;
     # the wait doubles with each re-publish, up to 32x.
@@ -149,6 +156,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return (self.model_cache_dir or self.resolved_data_dir / "models").expanduser().resolve()
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return (self.artifacts_dir or self.resolved_data_dir / "artifacts").expanduser().resolve()
 
     @property
     def index_dir(self) -> Path:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import crud
 from service.db.tables import File, FileChunk, new_id
@@ -54,6 +54,10 @@ class FileWriter:
         max_bytes: int | None,
         max_lines: int | None,
         chunk_bytes: int = CHUNK_BYTES,
+        kind: str = "real",
+        media_type: str | None = None,
+        generation_id: str | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
@@ -69,6 +73,10 @@ class FileWriter:
             bytes=0,
             lines=0,
             sha256="",
+            kind=kind,
+            media_type=media_type,
+            generation_id=generation_id,
+            meta=meta,
         )
         # The row goes in first: PostgreSQL checks each chunk's foreign key on insert.
         session.add(self.file)
@@ -136,6 +144,20 @@ def iter_chunks(session: Session, file_id: str) -> Iterator[bytes]:
         yield row.data
 
 
+def stream_chunks(factory: sessionmaker[Session], file_id: str) -> Iterator[bytes]:
+    """A download's body: the file's chunks read in a session of its own.
+
+    The request's session is closed by the time the body is sent; this one lives as long
+    as the download.
+    """
+    with factory() as session:
+        for chunk in iter_chunks(session, file_id):
+            # End the read transaction while the client takes the chunk, so a slow download
+            # pins no snapshot, table lock or SQLite WAL checkpoint.
+            session.rollback()
+            yield chunk
+
+
 def iter_lines(session: Session, file_id: str, *, start: int = 0) -> Iterator[bytes]:
     """Each line without its newline, from line number start (0-based) on.
 
@@ -168,6 +190,7 @@ def list_files(
     tenant_id: int,
     purpose: str | None,
     after: str | None,
+    kind: str | None = None,
     limit: int,
     order: Literal["asc", "desc"],
 ) -> tuple[list[File], bool]:
@@ -175,6 +198,8 @@ def list_files(
     query = select(File).where(File.tenant_id == tenant_id)
     if purpose:
         query = query.where(File.purpose == purpose)
+    if kind:
+        query = query.where(File.kind == kind)
     return crud.page_by_id(
         session, query, File, after=after, limit=limit, descending=order == "desc"
     )

@@ -21,6 +21,8 @@ logger = logging.getLogger("genserve.queue")
 RUN_JOB_TASK = "genserve.run_job"
 PREPARE_BATCH_TASK = "genserve.prepare_batch"
 FINALIZE_BATCH_TASK = "genserve.finalize_batch"
+TRAIN_MODEL_TASK = "genserve.train_model"
+TRAIN_QUEUE = "train"
 # Redis redelivers an unacknowledged message after the visibility timeout; it must be
 # longer than any job runs, or a long job is delivered twice (the claim in SQL still
 # stops the second run, but it wastes a worker slot).

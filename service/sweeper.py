@@ -20,9 +20,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import batches
-from service.db import crud
-from service.db.tables import Job, utcnow
-from service.queue import JobPublisher
+from service.db import crud, training
+from service.db.tables import Job, TrainingJob, utcnow
+from service.queue import TRAIN_MODEL_TASK, TRAIN_QUEUE, JobPublisher
 
 logger = logging.getLogger("genserve.sweeper")
 
@@ -31,7 +31,7 @@ MAX_BACKOFF_DOUBLINGS = 5
 NEVER_PUBLISHED_GRACE_S = 5.0
 
 
-def _due(job: Job, now: datetime, requeue_after_s: float) -> bool:
+def _due(job: Job | TrainingJob, now: datetime, requeue_after_s: float) -> bool:
     if job.status != "queued" or job.published_at is None:
         return True
     doublings = min(max(job.publish_count - 1, 0), MAX_BACKOFF_DOUBLINGS)
@@ -61,6 +61,21 @@ def sweep_once(
                 job.publish_count + 1,
             )
             published += publisher.publish(job.id, job.queue)
+    return published
+
+
+def sweep_training(
+    session: Session, publisher: JobPublisher, *, requeue_after_s: float, max_attempts: int
+) -> int:
+    """The same for training jobs: re-publish the lost ones, fail the ones out of attempts."""
+    now = utcnow()
+    published = 0
+    for job in training.stale_training_jobs(session, now=now, requeue_after_s=requeue_after_s):
+        if _due(job, now, requeue_after_s) and training.requeue_training_job(
+            session, job=job, max_attempts=max_attempts
+        ):
+            logger.info("re-publishing training job %s (status was %s)", job.id, job.status)
+            published += publisher.send(TRAIN_MODEL_TASK, job.id, queue=TRAIN_QUEUE)
     return published
 
 
@@ -96,6 +111,12 @@ class Sweeper:
             try:
                 with self._factory() as session:
                     sweep_once(
+                        session,
+                        self._publisher,
+                        requeue_after_s=self._requeue_after_s,
+                        max_attempts=self._max_attempts,
+                    )
+                    sweep_training(
                         session,
                         self._publisher,
                         requeue_after_s=self._requeue_after_s,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +29,8 @@ class WorkerContext:
     events: EventSink
     # The worker's own Celery app, for the jobs a batch creates.
     publisher: JobPublisher
+    artifacts_dir: Path
+    training_slots: threading.BoundedSemaphore
 
     @property
     def models(self) -> Models:
@@ -54,6 +57,8 @@ def build_context(settings: Settings) -> WorkerContext:
         leases=LeaseKeeper(factory, lease_s=settings.job_lease_s),
         events=make_sink(settings.events_backend_url),
         publisher=JobPublisher(app),
+        artifacts_dir=settings.resolved_artifacts_dir,
+        training_slots=threading.BoundedSemaphore(settings.training_concurrency),
     )
 
 

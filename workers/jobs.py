@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.backends.causal_lm import CausalLM
 from models.backends.decoding import GenerationOutput, SamplingParams
-from models.registry import get_spec
+from models.registry import REGISTRY, get_spec
 from service.db import crud
 from service.db.tables import Generation, Job, new_id
 from service.events import EventSink
+from workers import sampling
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
@@ -103,8 +105,7 @@ def _generation_row(
 
 def _reject(session: Session, job: Job, message: str, *, param: str, code: str) -> Outcome:
     """Fail a job whose input the model cannot take, with an error the API answers 400 with."""
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    crud.finish_job(session, job_id=job.id, status="failed", error=message, result={"error": error})
+    crud.reject_job(session, job_id=job.id, message=message, param=param, code=code)
     session.commit()
     return Outcome("failed")
 
@@ -217,9 +218,11 @@ def run_job(
     *,
     leases: LeaseKeeper,
     embedding_model: str,
+    artifacts_dir: Path,
     events: EventSink | None = None,
 ) -> Outcome:
-    """Claim the job and run it: chat models generate, embedding models embed.
+    """Claim the job and run it: chat models generate, embedding models embed, trained
+    models sample (workers.sampling).
 
     A generation and its embeddings are stored in one transaction. An interactive job's
     tokens are published to events as they come, and its end after the commit (batch jobs
@@ -233,7 +236,17 @@ def run_job(
     # Every waiting request wakes on the stream's end, embeddings requests too.
     tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
     tokens.start()
-    if get_spec(job.model).task == "embedding":
+    if job.model not in REGISTRY:
+        status, generation_id = sampling.run_trained_job(
+            factory,
+            runtime,
+            job,
+            artifacts_dir=artifacts_dir,
+            embedding_model=embedding_model,
+            embed=lambda texts: _embed(runtime, embedding_model, texts),
+        )
+        outcome = Outcome(status, generation_id)
+    elif get_spec(job.model).task == "embedding":
         outcome = _embed_texts(factory, runtime, job)
     else:
         outcome = _generate(

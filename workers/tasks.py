@@ -10,8 +10,8 @@ from celery.signals import worker_process_init, worker_ready
 from sqlalchemy.exc import OperationalError
 
 from service import batches
-from service.queue import FINALIZE_BATCH_TASK, PREPARE_BATCH_TASK, RUN_JOB_TASK
-from workers import jobs
+from service.queue import FINALIZE_BATCH_TASK, PREPARE_BATCH_TASK, RUN_JOB_TASK, TRAIN_MODEL_TASK
+from workers import jobs, training
 from workers.app import app
 from workers.context import get_context, preload
 
@@ -41,6 +41,9 @@ DURABLE: dict[str, Any] = {
 }
 
 
+TRAINING_BUSY_RETRY_S = 15
+
+
 @app.task(name=RUN_JOB_TASK, base=JobTask, **DURABLE)
 def run_job(job_id: str) -> str:
     context = get_context()
@@ -50,6 +53,7 @@ def run_job(job_id: str) -> str:
         job_id,
         leases=context.leases,
         embedding_model=context.embedding_model,
+        artifacts_dir=context.artifacts_dir,
         events=context.events,
     )
     logger.info("job %s: %s", job_id, outcome.status)
@@ -57,6 +61,36 @@ def run_job(job_id: str) -> str:
         with context.sessionmaker() as session:
             batches.start_finalizing(session, context.publisher, batch_id=outcome.batch_id)
     return outcome.status
+
+
+class TrainingTask(Task):
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job_id = args[0] if args else kwargs.get("training_job_id")
+        logger.error("training job %s failed: %r", job_id, exc, exc_info=exc)
+        training.fail_training(get_context().sessionmaker, job_id, f"{type(exc).__name__}: {exc}")
+
+
+@app.task(name=TRAIN_MODEL_TASK, base=TrainingTask, bind=True, **DURABLE)
+def train_model(self: Task, training_job_id: str) -> str:
+    context = get_context()
+    # A worker trains training_concurrency models at once; another job waits its turn in
+    # the broker (still queued in SQL), not in a thread of this worker.
+    if not context.training_slots.acquire(blocking=False):
+        raise self.retry(countdown=TRAINING_BUSY_RETRY_S, max_retries=None)
+    try:
+        status = training.run_training(
+            context.sessionmaker,
+            training_job_id,
+            artifacts_dir=context.artifacts_dir,
+            device=context.runtime.device,
+            lease_s=context.lease_s,
+        )
+    finally:
+        context.training_slots.release()
+    logger.info("training job %s: %s", training_job_id, status)
+    return status
 
 
 @app.task(name=PREPARE_BATCH_TASK, **DURABLE)

@@ -23,6 +23,7 @@ from service.api.routes import (
     jobs,
     models,
     search,
+    training,
 )
 from service.config import Settings, get_settings
 from service.db.session import make_engine, make_sessionmaker
@@ -109,7 +110,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Uploads stream to SQL as they arrive, bounded by the file limit, never buffered.
         stream_paths={files.UPLOAD_PATH: settings.max_file_bytes + files.MULTIPART_OVERHEAD_BYTES},
     )
-    routers = (health, jobs, generations, conversations, search, models, chat, completions)
+    routers = (
+        health,
+        jobs,
+        generations,
+        conversations,
+        search,
+        models,
+        training,
+        chat,
+        completions,
+    )
     for module in (*routers, files, batches):
         app.include_router(module.router)
     return app

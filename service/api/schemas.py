@@ -37,18 +37,60 @@ class ChatMessage(Strict):
     content: Text = Field(min_length=1)
 
 
+class Interpolation(Strict):
+    """Images decoded along the line between the latents of two seeds (VAE)."""
+
+    from_seed: int = Field(ge=0, lt=2**63)
+    to_seed: int = Field(ge=0, lt=2**63)
+    steps: int = Field(default=8, ge=2, le=64)
+
+
+class ImagesInput(Strict):
+    n: int = Field(default=1, ge=1, le=64)
+    # DDIM sampling steps (diffusion models only); the model's default when absent.
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    interpolate: Interpolation | None = None
+
+    @model_validator(mode="after")
+    def _n_or_interpolate(self) -> ImagesInput:
+        if self.interpolate is not None and "n" in self.model_fields_set:
+            raise ValueError("give 'n' or 'interpolate', not both")
+        return self
+
+
+class RowsInput(Strict):
+    n: int = Field(default=100, ge=1, le=10_000)
+    # Values of the model's condition columns that every row must have.
+    conditions: dict[str, str | int | float] = Field(default_factory=dict, max_length=64)
+
+
+class AnomalyInput(Strict):
+    """Samples to score: an uploaded .npz array or .zip of PNGs like the training images."""
+
+    file_id: str = Field(min_length=1, max_length=40)
+
+
+# What each kind of input asks for, by the model's task (models.backends.classic tasks).
+INPUT_KINDS = ("prompt", "messages", "images", "rows", "anomaly")
+
+
 class JobInput(Strict):
-    """Exactly one of a prompt or a list of chat messages."""
+    """Exactly one of: a prompt, chat messages (language models; a character-level RNN
+    takes a prompt as its prefix), images, rows or anomaly (the trained families)."""
 
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     # A raw prompt goes to the model as is; otherwise it is one user turn of a chat.
     raw: bool = False
+    images: ImagesInput | None = None
+    rows: RowsInput | None = None
+    anomaly: AnomalyInput | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> JobInput:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        given = [kind for kind in INPUT_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {list(INPUT_KINDS)}, got {given or 'none'}")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt must not be empty")
         if self.messages is not None:
@@ -56,9 +98,13 @@ class JobInput(Strict):
                 raise ValueError("messages must not be empty")
             if self.messages[-1].role != "user":
                 raise ValueError("the last message must have role 'user'")
-            if self.raw:
-                raise ValueError("'raw' applies to a prompt, not to messages")
+        if self.raw and self.prompt is None:
+            raise ValueError("'raw' applies to a prompt only")
         return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in INPUT_KINDS if getattr(self, kind) is not None)
 
     def text(self) -> str:
         """The text this turn adds, as searched and shown."""
@@ -74,6 +120,8 @@ class SamplingParams(Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: list[Text] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    # Character-level RNN models only: sample among the k likeliest characters.
+    top_k: int | None = Field(default=None, ge=1, le=1000)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -142,6 +190,8 @@ class GenerationPublic(BaseModel):
     usage: Usage
     finish_reason: str
     timings: dict[str, Any]
+    # Files the generation made (images, tables); empty for text.
+    content: list[ContentPart] = Field(default_factory=list)
     created_at: datetime
 
     @classmethod
@@ -165,8 +215,14 @@ class GenerationPublic(BaseModel):
             ),
             finish_reason=row.finish_reason,
             timings=row.timings,
+            content=[ContentPart.from_row(f) for f in content_files(row)],
             created_at=row.created_at,
         )
+
+
+def content_files(row: Any) -> list[Any]:
+    """A generation's files in the order the model made them."""
+    return sorted(row.content_files, key=lambda f: (f.meta or {}).get("index", 0))
 
 
 class JobPublic(BaseModel):
@@ -310,3 +366,111 @@ class SearchResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+# --- trained models ------------------------------------------------------------------------
+
+Arch = Literal["char_rnn", "vae", "gan", "diffusion", "tabular", "autoencoder"]
+ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+TrainingStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+MAX_CONFIG_KEYS = 64
+
+
+class TrainingJobCreate(Strict):
+    name: ModelName = Field(description="The model name the trained version registers under")
+    arch: Arch
+    dataset_file_id: str = Field(min_length=1, max_length=40)
+    # Overrides of the family's config dataclass; checked by the family before training.
+    config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    # The version this one is trained from (lineage), if any.
+    parent_version: int | None = Field(default=None, ge=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+    @field_validator("config")
+    @classmethod
+    def _small_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value)) > MAX_METADATA_BYTES:
+            raise ValueError(f"config is larger than {MAX_METADATA_BYTES} bytes")
+        return value
+
+
+class TrainingJobPublic(BaseModel):
+    id: str
+    object: Literal["training_job"] = "training_job"
+    name: str
+    arch: str
+    dataset_file_id: str
+    config: dict[str, Any]
+    seed: int
+    parent_version: int | None
+    status: TrainingStatus
+    # The latest report: epoch, step, losses, val_loss.
+    progress: dict[str, Any]
+    error: str | None
+    attempts: int
+    # "name:version" once the job succeeded.
+    model: str | None
+    created_by: str
+    metadata: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> TrainingJobPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            arch=row.arch,
+            dataset_file_id=row.dataset_file_id,
+            config=row.config,
+            seed=row.seed,
+            parent_version=row.parent_version,
+            status=row.status,
+            progress=row.progress,
+            error=row.error,
+            attempts=row.attempts,
+            model=f"{row.name}:{row.model_version}" if row.model_version else None,
+            created_by=row.created_by,
+            metadata=row.meta,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class TrainingEventPublic(BaseModel):
+    id: int
+    attempt: int
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class TrainingEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TrainingEventPublic]
+
+
+class ContentPart(BaseModel):
+    """A file a generation made (an image, a table), served at .../content?index=N."""
+
+    index: int
+    file_id: str
+    media_type: str
+    bytes: int
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Any) -> ContentPart:
+        meta = row.meta or {}
+        return cls(
+            index=meta.get("index", 0),
+            file_id=row.id,
+            media_type=row.media_type or "application/octet-stream",
+            bytes=row.bytes,
+            metadata=meta,
+        )

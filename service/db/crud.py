@@ -25,12 +25,13 @@ from service.db.tables import (
     Generation,
     Job,
     Tenant,
+    TrainingJob,
     new_id,
     utcnow,
 )
 
 KEY_PREFIX = "gsk_"
-R = TypeVar("R", Job, Generation, File, Batch)
+R = TypeVar("R", Job, Generation, File, Batch, TrainingJob)
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,8 @@ def delete_generation(session: Session, *, generation: Generation) -> None:
         for eid, model in embeddings
     )
     session.execute(delete(Embedding).where(Embedding.generation_id == generation.id))
+    # The files it made go with it (their chunks by ON DELETE CASCADE).
+    session.execute(delete(File).where(File.generation_id == generation.id))
     session.delete(generation)
     session.flush()
 
@@ -569,6 +572,16 @@ def finish_job(
         update(Job).where(Job.id == job_id, Job.status == "running").values(**values)
     )
     return updated.rowcount == 1  # type: ignore[attr-defined]
+
+
+def reject_job(
+    session: Session, *, job_id: str, message: str, param: str | None, code: str | None
+) -> bool:
+    """Fail a job whose input the model cannot take; the API answers with this error."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return finish_job(
+        session, job_id=job_id, status="failed", error=message, result={"error": error}
+    )
 
 
 def store_generation(

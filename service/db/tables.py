@@ -45,6 +45,8 @@ BATCH_STATUSES = (
     "cancelled",
 )
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# Uploaded data is real; what a model made is synthetic. Exports select either.
+FILE_KINDS = ("real", "synthetic")
 ROLES = ("admin", "writer", "reader")
 
 
@@ -195,6 +197,10 @@ class Generation(Base):
     # Keyword search columns live outside the ORM, per dialect (migration 0002).
 
     job: Mapped[Job] = relationship(back_populates="generation")
+    # The files it made (images, tables); ordered by their metadata's index.
+    content_files: Mapped[list[File]] = relationship(
+        primaryjoin="Generation.id == foreign(File.generation_id)", viewonly=True, lazy="selectin"
+    )
 
 
 class Embedding(Base):
@@ -240,7 +246,11 @@ class File(Base):
     """An uploaded or produced file; its bytes are in file_chunks, in order."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "id"),)
+    __table_args__ = (
+        Index("ix_files_tenant_created", "tenant_id", "id"),
+        Index("ix_files_tenant_kind", "tenant_id", "kind", "id"),
+        Index("ix_files_generation", "generation_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -249,6 +259,11 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     lines: Mapped[int] = mapped_column(Integer, default=0)
     sha256: Mapped[str] = mapped_column(String(64), default="")
+    kind: Mapped[str] = mapped_column(String(16), default="real", server_default="real")
+    media_type: Mapped[str | None] = mapped_column(String(64))
+    # A synthetic file's generation (its model and version are on that row too).
+    generation_id: Mapped[str | None] = mapped_column(String(40))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JsonDoc)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -295,3 +310,89 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column()
     cancelling_at: Mapped[datetime | None] = mapped_column()
     cancelled_at: Mapped[datetime | None] = mapped_column()
+
+
+class ModelVersion(Base):
+    """A trained model: what made it, how good it is, and where its weights are."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", "version", name="uq_model_versions_name"),
+        Index("ix_model_versions_name", "name", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # None: a model that ships with genserve, served to every tenant.
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    family: Mapped[str] = mapped_column(String(32))
+    config: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    dataset_file_id: Mapped[str | None] = mapped_column(String(40))
+    dataset_sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    # Relative to the artifacts folder; "builtin:NAME" for the checkpoints in the package.
+    artifact_path: Mapped[str] = mapped_column(String(1024))
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(128))
+    training_job_id: Mapped[str | None] = mapped_column(String(40))
+    # The served version of a name is the one promoted last, else the newest.
+    promoted_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+class TrainingJob(Base):
+    """Training one family on an uploaded dataset; success registers a model version."""
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        Index("ix_training_jobs_tenant_created", "tenant_id", "id"),
+        Index("ix_training_jobs_status", "status", "published_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    arch: Mapped[str] = mapped_column(String(32))
+    dataset_file_id: Mapped[str] = mapped_column(String(40))
+    config: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    # The latest report: epoch, step, losses, val_loss.
+    progress: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonDoc, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    publish_count: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The version registered on success.
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class TrainingEvent(Base):
+    """One report of a training run, kept so its curve can be read and streamed."""
+
+    __tablename__ = "training_events"
+    __table_args__ = (
+        Index("ix_training_events_job", "training_job_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    training_job_id: Mapped[str] = mapped_column(ForeignKey("training_jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "progress" | "status"
+    data: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -18,6 +18,12 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed", "error"] = "processed"
     expires_at: int | None = None
     status_details: str | None = None
+    # genserve: "real" (uploaded) or "synthetic" (made by a model: its generation and
+    # model version are in generation_id and metadata).
+    kind: str = "real"
+    sha256: str | None = None
+    generation_id: str | None = None
+    metadata: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> FileObject:
@@ -27,6 +33,10 @@ class FileObject(BaseModel):
             created_at=int(row.created_at.timestamp()),
             filename=row.filename,
             purpose=row.purpose,
+            kind=row.kind,
+            sha256=row.sha256 or None,
+            generation_id=row.generation_id,
+            metadata=row.meta,
         )
 
 

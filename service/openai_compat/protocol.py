@@ -424,9 +424,29 @@ class ModelCard(BaseModel):
     owned_by: str = "genserve"
 
 
+class TrainedModelCard(ModelCard):
+    """A version of a model trained here (or shipped trained), with its lineage."""
+
+    name: str
+    version: int
+    family: str
+    tasks: list[str]
+    # The version a request for the bare name gets.
+    default: bool
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    dataset_file_id: str | None
+    dataset_sha256: str
+    artifact_sha256: str
+    parent_version: int | None
+    created_by: str
+    training_job_id: str | None
+    promoted_at: int | None
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[TrainedModelCard | ModelCard]
 
 
 class CursorList(BaseModel):

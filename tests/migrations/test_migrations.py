@@ -24,6 +24,9 @@ TABLES = {
     "files",
     "file_chunks",
     "batches",
+    "model_versions",
+    "training_jobs",
+    "training_events",
 }
 
 

@@ -273,7 +273,7 @@ def test_tenants_and_roles(open_service: Callable[..., Service]) -> None:
 def test_upload_refusals(open_service: Callable[..., Service]) -> None:
     service = open_service(max_file_bytes=100_000, max_batch_lines=5)
 
-    purpose = error_of(upload(service, b'{"a": 1}\n', purpose="fine-tune"), 400)
+    purpose = error_of(upload(service, b'{"a": 1}\n', purpose="assistants"), 400)
     assert purpose["param"] == "purpose" and "'batch'" in purpose["message"]
     lines = error_of(upload(service, b"{}\n" * 6), 400)
     assert (lines["param"], lines["code"]) == ("file", "too_many_lines")

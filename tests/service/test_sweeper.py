@@ -6,18 +6,19 @@ from datetime import timedelta
 from pathlib import Path
 
 from kombu import Connection
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from service.db import crud
+from service.db import crud, training
 from service.db.session import make_engine, make_sessionmaker
-from service.db.tables import Job, utcnow
+from service.db.tables import Job, TrainingJob, utcnow
 from service.queue import (
+    TRAIN_QUEUE,
     JobPublisher,
     embedded_broker_url,
     make_celery,
     prepare_embedded_broker,
 )
-from service.sweeper import sweep_once
+from service.sweeper import sweep_once, sweep_training
 from tests.utils.factories import make_job, make_key
 
 
@@ -72,4 +73,53 @@ def test_sweeper_publishes_lost_and_expired_jobs(sqlite_url: str, tmp_path: Path
         assert failed is not None and failed.status == "failed" and "3 attempts" in failed.error
         # A second sweep right away publishes nothing: each job backs off.
         assert sweep_once(session, publisher, requeue_after_s=30, max_attempts=3) == 0
+    publisher.close()
+
+
+def test_sweeper_publishes_lost_training_jobs_and_fails_exhausted_ones(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    broker_path = tmp_path / "broker.sqlite"
+    prepare_embedded_broker(broker_path)
+    broker_url = embedded_broker_url(broker_path)
+    publisher = JobPublisher(make_celery("test", broker_url))
+    factory = make_sessionmaker(make_engine(sqlite_url))
+    past = utcnow() - timedelta(seconds=60)
+
+    def training_job(session, tenant_id: int) -> TrainingJob:  # noqa: ANN001
+        return training.create_training_job(
+            session,
+            tenant_id=tenant_id,
+            name="m",
+            arch="vae",
+            dataset_file_id="file_x",
+            config={},
+            seed=0,
+            parent_version=None,
+            created_by="test",
+            metadata={},
+        )
+
+    with factory() as session:
+        tenant_id, _ = make_key(session)
+        never, fresh, lost, spent = (training_job(session, tenant_id) for _ in range(4))
+        session.commit()
+        training.mark_training_published(session, job_id=fresh.id)
+        assert training.claim_training_job(session, job_id=lost.id, lease_s=60)
+        assert training.claim_training_job(session, job_id=spent.id, lease_s=60)
+        session.execute(update(TrainingJob).values(created_at=past))
+        session.execute(
+            update(TrainingJob)
+            .where(TrainingJob.id.in_([lost.id, spent.id]))
+            .values(lease_expires_at=past)
+        )
+        session.execute(update(TrainingJob).where(TrainingJob.id == spent.id).values(attempts=3))
+        session.commit()
+        assert sweep_training(session, publisher, requeue_after_s=30, max_attempts=3) == 2
+        statuses = {
+            row.id: (row.status, row.error) for row in session.scalars(select(TrainingJob)).all()
+        }
+    assert sorted(_queued_messages(broker_url, TRAIN_QUEUE)) == sorted([never.id, lost.id])
+    assert statuses[fresh.id] == ("queued", None) and statuses[lost.id][0] == "queued"
+    assert statuses[spent.id][0] == "failed" and "3 attempts" in statuses[spent.id][1]
     publisher.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +29,14 @@ def runtime(model_cache_dir) -> ModelRuntime:  # noqa: ANN001
 
 def _run(factory: sessionmaker[Session], runtime: ModelRuntime, job_id: str) -> Outcome:
     leases = LeaseKeeper(factory, lease_s=60)
-    return run_job(factory, runtime, job_id, leases=leases, embedding_model=EMBEDDER)
+    return run_job(
+        factory,
+        runtime,
+        job_id,
+        leases=leases,
+        embedding_model=EMBEDDER,
+        artifacts_dir=Path(tempfile.gettempdir()),
+    )
 
 
 def test_job_runs_once_and_stores_embeddings(sqlite_url: str, runtime: ModelRuntime) -> None:

@@ -11,13 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from models.backends import load_model, select_device
+from models.backends import classic, load_model, select_device
 from models.backends.causal_lm import CausalLM
 from models.backends.sentence import SentenceEmbedder
 from models.registry import get_spec
 from workers.engine.engine import Engine, EngineLimits
 
 logger = logging.getLogger("genserve.worker")
+
+MAX_TRAINED_MODELS = 32
 
 
 class ModelRuntime:
@@ -36,6 +38,8 @@ class ModelRuntime:
         self.device, self.dtype = select_device(device)
         self.engine = Engine(limits)
         self._models: dict[str, Any] = {}
+        # Trained checkpoints by sha256, the oldest loaded dropped first past the bound.
+        self._trained: dict[str, classic.Trained] = {}
         self._lock = threading.Lock()
 
     def _get(self, name: str) -> Any:
@@ -59,6 +63,23 @@ class ModelRuntime:
         model = self._get(name)
         assert isinstance(model, SentenceEmbedder), f"{name} is not an embedding model"
         return model
+
+    def trained_model(self, path: Path, sha256: str) -> classic.Trained:
+        """A trained checkpoint, loaded once and checked against its registered sha256."""
+        with self._lock:
+            trained = self._trained.get(sha256)
+            if trained is None:
+                actual = classic.file_sha256(path)
+                if actual != sha256:
+                    raise RuntimeError(
+                        f"checkpoint {path} has sha256 {actual}, registered as {sha256}"
+                    )
+                trained = classic.load(path, device=self.device)
+                if len(self._trained) >= MAX_TRAINED_MODELS:
+                    self._trained.pop(next(iter(self._trained)))
+                self._trained[sha256] = trained
+                logger.info("loaded %s (%s) on %s", path.name, trained.arch, self.device)
+            return trained
 
     def embed(self, name: str, texts: list[str]) -> np.ndarray:
         """Embed texts with model `name` on the engine thread, between decoding steps."""

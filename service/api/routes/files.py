@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from service import files
 from service.api.deps import CallerDep, SessionDep, WriterDep
@@ -19,7 +18,8 @@ from service.openai_compat.files_protocol import FileDeleted, FileList, FileObje
 UPLOAD_PATH = "/v1/files"
 # What a multipart body may carry beyond the file itself: boundaries, headers, purpose.
 MULTIPART_OVERHEAD_BYTES = 1 << 20
-UPLOAD_PURPOSES = ("batch",)
+# batch: request lines; fine-tune: a training dataset; user_data: samples to score.
+UPLOAD_PURPOSES = ("batch", "fine-tune", "user_data")
 MAX_FILENAME_CHARS = 255  # files.filename is String(255)
 
 router = APIRouter(prefix=UPLOAD_PATH, tags=["files"], responses=ERROR_RESPONSES)
@@ -62,7 +62,7 @@ def create_file(
     session: SessionDep,
     limits: FileLimitsDep,
 ) -> FileObject:
-    """Upload a JSONL file of batch requests."""
+    """Upload a file: batch requests, a training dataset, or samples to score."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
             f"purpose {purpose!r} cannot be uploaded here; allowed: {list(UPLOAD_PURPOSES)}",
@@ -95,6 +95,10 @@ def read_files(
     caller: CallerDep,
     session: SessionDep,
     purpose: Annotated[str | None, Query(max_length=32)] = None,
+    kind: Annotated[
+        Literal["real", "synthetic"] | None,
+        Query(description="real: uploaded; synthetic: made by a model"),
+    ] = None,
     after: Annotated[
         str | None, Query(max_length=40, description="last_id of the page before")
     ] = None,
@@ -106,6 +110,7 @@ def read_files(
         session,
         tenant_id=caller.tenant_id,
         purpose=purpose,
+        kind=kind,
         after=after,
         limit=limit,
         order=order,
@@ -126,17 +131,6 @@ def read_file(file_id: str, caller: CallerDep, session: SessionDep) -> FileObjec
     return FileObject.from_row(_get_file(session, caller.tenant_id, file_id))
 
 
-def _stream(factory: sessionmaker[Session], file_id: str) -> Iterator[bytes]:
-    # The request's session is closed by the time the body is sent; this one lives as long
-    # as the download.
-    with factory() as session:
-        for chunk in files.iter_chunks(session, file_id):
-            # End the read transaction while the client takes the chunk, so a slow download
-            # pins no snapshot, table lock or SQLite WAL checkpoint.
-            session.rollback()
-            yield chunk
-
-
 @router.get(
     "/{file_id}/content",
     response_class=StreamingResponse,
@@ -148,7 +142,7 @@ def read_file_content(
     """A file's bytes, streamed from SQL a chunk at a time."""
     row = _get_file(session, caller.tenant_id, file_id)
     return StreamingResponse(
-        _stream(request.app.state.sessionmaker, row.id),
+        files.stream_chunks(request.app.state.sessionmaker, row.id),
         media_type="application/octet-stream",
         # A download cut short (the file deleted meanwhile) then shows as incomplete.
         headers={"Content-Length": str(row.bytes)},

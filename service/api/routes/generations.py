@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+from service import files
 from service.api.deps import CallerDep, SessionDep, WriterDep
 from service.api.errors import ERROR_RESPONSES, NotFound
 from service.api.routes.listing import Cursor, Limit, list_filters
-from service.api.schemas import GenerationPublic, Page
+from service.api.schemas import GenerationPublic, Page, content_files
 from service.db import crud
 from service.db.tables import Generation
 
@@ -43,6 +45,38 @@ def read_generations(
 def read_generation(generation_id: str, caller: CallerDep, session: SessionDep) -> GenerationPublic:
     """One generation."""
     return GenerationPublic.from_row(_get_generation(session, caller.tenant_id, generation_id))
+
+
+@router.get(
+    "/{generation_id}/content",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "text/csv": {}, "text/plain": {}}}},
+)
+def read_generation_content(
+    generation_id: str,
+    caller: CallerDep,
+    session: SessionDep,
+    request: Request,
+    index: Annotated[int, Query(ge=0, description="which of the generation's files")] = 0,
+) -> Response:
+    """What the generation made: its Nth file (an image, a table), or its text."""
+    row = _get_generation(session, caller.tenant_id, generation_id)
+    parts = content_files(row)
+    if not parts:
+        if index:
+            raise NotFound(f"generation {generation_id!r} made no files", param="index")
+        return PlainTextResponse(row.output)
+    if index >= len(parts):
+        raise NotFound(
+            f"generation {generation_id!r} made {len(parts)} files; index must be below that",
+            param="index",
+        )
+    part = parts[index]
+    return StreamingResponse(
+        files.stream_chunks(request.app.state.sessionmaker, part.id),
+        media_type=part.media_type or "application/octet-stream",
+        headers={"Content-Length": str(part.bytes)},
+    )
 
 
 @router.delete("/{generation_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -12,6 +12,8 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.registry import REGISTRY
+from service import trained
 from service.api.deps import (
     CallerDep,
     EventsDep,
@@ -22,7 +24,7 @@ from service.api.deps import (
     SessionmakerDep,
     WriterDep,
 )
-from service.api.errors import ERROR_RESPONSES, Conflict, NotFound
+from service.api.errors import ERROR_RESPONSES, Conflict, InvalidRequest, NotFound
 from service.api.routes.listing import Cursor, Limit, list_filters
 from service.api.schemas import JobCreate, JobPublic, Page
 from service.db import crud
@@ -43,12 +45,40 @@ from service.submit import (
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 
-def _resolve_params(job_in: JobCreate, served: tuple[str, ...]) -> dict[str, object]:
+def _chat_params(job_in: JobCreate, served: tuple[str, ...]) -> dict[str, object]:
     """The sampling params with the model's defaults filled in, checked against its limits."""
     spec = served_model(job_in.model, served, task="chat")
+    kind = job_in.input.kind
+    if kind not in ("prompt", "messages"):
+        raise InvalidRequest(
+            f"model {spec.name!r} is a language model; it takes input.prompt or input.messages",
+            param=f"input.{kind}",
+            code="unsupported_input",
+        )
     params = job_in.params.model_dump()
+    if params.pop("top_k") is not None:
+        raise InvalidRequest("top_k applies to character-level RNN models", param="params.top_k")
     params["max_tokens"] = resolve_max_tokens(spec, params["max_tokens"], param="params.max_tokens")
     return params
+
+
+def _resolve(
+    session: Session, tenant_id: int, job_in: JobCreate, served: tuple[str, ...]
+) -> tuple[str, dict[str, object]]:
+    """(the model as stored, the job's params): a language model or a trained version."""
+    if job_in.model in REGISTRY:
+        return job_in.model, _chat_params(job_in, served)
+    row = trained.resolve_version(session, tenant_id=tenant_id, model=job_in.model)
+    if row is None:
+        raise NotFound(
+            f"model {job_in.model!r} is not served here; language models: {list(served)}, "
+            "trained models: GET /v1/models",
+            param="model",
+            code="model_not_found",
+        )
+    return row.name, trained.trained_job_params(
+        session, tenant_id=tenant_id, job_in=job_in, row=row
+    )
 
 
 def _thread(session: Session, tenant_id: int, job_in: JobCreate) -> tuple[str | None, str | None]:
@@ -103,7 +133,7 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
     """Submit a generation job; it is stored before it is queued."""
-    params = _resolve_params(job_in, served)
+    model, params = _resolve(session, caller.tenant_id, job_in, served)
     request_hash = _request_hash(job_in)
     if idempotency_key and (
         job := _replay(session, caller.tenant_id, idempotency_key, request_hash)
@@ -112,7 +142,7 @@ def create_job(
     conversation_id, parent_id = _thread(session, caller.tenant_id, job_in)
     check_queue_room(session, tenant_id=caller.tenant_id, limit=limits.max_queued_jobs_per_tenant)
     request = JobRequest(
-        model=job_in.model,
+        model=model,
         queue=job_in.queue,
         input=job_in.input.model_dump(exclude_none=True),
         params=params,

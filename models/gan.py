@@ -1,0 +1,351 @@
+"""DCGAN (Radford et al. 2015, arXiv:1511.06434): a CNN generator and discriminator.
+
+Following the paper's guidelines: strided (transposed) convolutions instead of pooling,
+batch norm in both nets except the discriminator's input layer and the generator's
+output, ReLU in the generator with a tanh output, LeakyReLU(0.2) in the discriminator,
+Adam with lr 2e-4 and beta1 0.5. Trained with the non-saturating loss of Goodfellow et
+al. 2014 plus a stabiliser (see `GANConfig.real_label`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.backends import classic
+
+DATA_FIELDS = ("channels", "height", "width")
+MAX_SIDE = 128
+# Validation fakes come from this fixed seed so that val_loss is comparable across epochs.
+VAL_SEED = 0
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """Hyperparameters; the defaults are the budget the shipped checkpoints train with.
+
+    Attributes:
+        channels, height, width: The training images' shape, set from the data.
+        widths: Channels per resolution, full resolution first, in both nets; each width
+            after the first halves the side, so sides must divide by 2 ** (len - 1).
+        latent_dim: Size of the generator's input noise z.
+        real_label: Target for real images in the discriminator loss; below 1 is one-sided
+            label smoothing (Salimans et al. 2016, arXiv:1606.03498, section 3.4).
+        r1_gamma: Weight of the R1 gradient penalty on real images (Mescheder et al. 2018,
+            arXiv:1801.04406, eq. 9); 0 turns it off.
+        epochs, batch_size, lr, beta1: The Adam budget, shared by both nets.
+    """
+
+    channels: int = 1
+    height: int = 8
+    width: int = 8
+    widths: tuple[int, ...] = (64, 128)
+    latent_dim: int = 32
+    # Stabiliser, chosen by measurement on the digits (bench/zoo_images.py): see the report
+    # in `FAMILY.fit`'s docstring for the figures.
+    real_label: float = 0.9
+    r1_gamma: float = 0.0
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-4
+    beta1: float = 0.5
+
+
+# field -> (type, low, high), inclusive.
+RANGES: dict[str, tuple[type, float, float]] = {
+    "widths": (int, 4, 512),
+    "latent_dim": (int, 1, 512),
+    "real_label": (float, 0.5, 1.0),
+    "r1_gamma": (float, 0.0, 1000.0),
+    "epochs": (int, 1, 10_000),
+    "batch_size": (int, 2, 4096),
+    "lr": (float, 1e-6, 1.0),
+    "beta1": (float, 0.0, 0.999),
+}
+
+
+def _check_value(name: str, value: Any) -> None:
+    kind, low, high = RANGES[name]
+    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok_type or not low <= value <= high:
+        raise ValueError(
+            f"gan config {name}={value!r} is out of range: {kind.__name__} in [{low}, {high}]"
+        )
+
+
+def validate(config: GANConfig) -> GANConfig:
+    """Check every field; ValueError names the field, its value and the allowed range."""
+    if not isinstance(config.widths, tuple) or not 1 <= len(config.widths) <= 4:
+        raise ValueError(f"gan config widths={config.widths!r} must hold 1 to 4 channel counts")
+    for width in config.widths:
+        _check_value("widths", width)
+    for name in RANGES:
+        if name != "widths":
+            _check_value(name, getattr(config, name))
+    factor = 2 ** (len(config.widths) - 1)
+    for name in ("height", "width"):
+        side = getattr(config, name)
+        if side % factor or not factor <= side <= MAX_SIDE:
+            raise ValueError(
+                f"gan cannot take images of {name} {side}: it must be in [{factor}, {MAX_SIDE}] "
+                f"and divisible by {factor} (2 ** (len(widths) - 1))"
+            )
+    return config
+
+
+class Generator(nn.Module):
+    """z (B, latent_dim) -> images (B, C, H, W) in [-1, 1]."""
+
+    def __init__(self, config: GANConfig) -> None:
+        super().__init__()
+        widths = config.widths[::-1]  # lowest resolution first
+        factor = 2 ** (len(widths) - 1)
+        self.inner = (widths[0], config.height // factor, config.width // factor)
+        # DCGAN projects z with one matrix multiply, then reshapes (paper, section 3).
+        self.project = nn.Linear(config.latent_dim, math.prod(self.inner), bias=False)
+        layers: list[nn.Module] = [nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        for before, after in zip(widths, widths[1:], strict=False):
+            layers += [
+                nn.ConvTranspose2d(before, after, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(after),
+                nn.ReLU(),
+            ]
+        layers += [nn.Conv2d(widths[-1], config.channels, 3, padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(latents).view(-1, *self.inner))
+
+
+class Discriminator(nn.Module):
+    """Images (B, C, H, W) in [-1, 1] -> real/fake logits (B,)."""
+
+    def __init__(self, config: GANConfig) -> None:
+        super().__init__()
+        widths = config.widths
+        factor = 2 ** (len(widths) - 1)
+        layers: list[nn.Module] = [
+            nn.Conv2d(config.channels, widths[0], 3, padding=1),
+            nn.LeakyReLU(0.2),
+        ]
+        for before, after in zip(widths, widths[1:], strict=False):
+            layers += [
+                nn.Conv2d(before, after, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(after),
+                nn.LeakyReLU(0.2),
+            ]
+        inner = widths[-1] * (config.height // factor) * (config.width // factor)
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(inner, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images).squeeze(1)
+
+
+class GAN(nn.Module):
+    """The two nets in one module, so that one state dict holds both."""
+
+    def __init__(self, config: GANConfig) -> None:
+        super().__init__()
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+        for module in self.modules():
+            # N(0, 0.02) initial weights, as in the paper (section 4).
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+
+def discriminator_loss(
+    model: GAN, real: torch.Tensor, fake: torch.Tensor, config: GANConfig
+) -> torch.Tensor:
+    """Binary cross-entropy of real images against `real_label` and fakes against 0."""
+    real_logits = model.discriminator(real).float()
+    fake_logits = model.discriminator(fake).float()
+    targets = torch.full_like(real_logits, config.real_label)
+    return F.binary_cross_entropy_with_logits(
+        real_logits, targets
+    ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+
+
+def training_step(
+    model: GAN,
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    real: torch.Tensor,
+    config: GANConfig,
+    *,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One discriminator step, then one generator step, on a batch of real images.
+
+    Args:
+        model: The GAN, in train mode, on the batch's device.
+        optimizers: Adam for the generator, Adam for the discriminator.
+        real: (B, C, H, W) in [-1, 1].
+        config: The model's config.
+        generator: CPU generator for the latents.
+
+    Returns:
+        d_loss and g_loss of the step (and r1 when the penalty is on).
+    """
+    g_optimizer, d_optimizer = optimizers
+    cuda = real.device.type == "cuda"
+    latents = torch.randn(real.shape[0], config.latent_dim, generator=generator).to(real.device)
+    losses = {}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        fake = model.generator(latents)
+        d_loss = discriminator_loss(model, real, fake.detach(), config)
+    if config.r1_gamma > 0:
+        # R1 (Mescheder et al. 2018, eq. 9): penalise the discriminator's gradient on real
+        # data, which keeps it from growing steep where the generator has to follow it.
+        real = real.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(model.discriminator(real).sum(), real, create_graph=True)
+        penalty = gradient.pow(2).flatten(1).sum(1).mean()
+        d_loss = d_loss + 0.5 * config.r1_gamma * penalty
+        losses["r1"] = penalty.item()
+    d_optimizer.zero_grad(set_to_none=True)
+    d_loss.backward()
+    d_optimizer.step()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        fake_logits = model.discriminator(fake).float()
+    # Non-saturating generator loss (Goodfellow et al. 2014, section 3): -log D(G(z)).
+    g_loss = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    g_optimizer.zero_grad(set_to_none=True)
+    g_loss.backward()
+    g_optimizer.step()
+    return {"d_loss": d_loss.item(), "g_loss": g_loss.item(), **losses}
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W) for one channel, else (N, H, W, C)."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
+
+
+def sample(
+    model: GAN,
+    config: GANConfig,
+    request: Mapping[str, Any],
+    *,
+    device: str,
+    generator: torch.Generator,
+) -> classic.Sampled:
+    """Generate images from z ~ N(0, I).
+
+    Args:
+        model: A trained GAN on `device`.
+        config: Its config.
+        request: {"task": "images", "n": 1..256}.
+        device: Where the model runs.
+        generator: CPU generator for the latents.
+
+    Returns:
+        Sampled with uint8 images and meta {"n"}.
+    """
+    if request.get("task") != "images":
+        raise ValueError(f"task must be 'images' for gan, got {request.get('task')!r}")
+    n = request.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
+        raise ValueError(f"n must be an integer in [1, 256], got {n!r}")
+    latents = torch.randn(n, config.latent_dim, generator=generator).to(device)
+    model.eval()
+    with torch.inference_mode():
+        images = model.generator(latents)
+    return classic.Sampled(images=to_uint8(images), meta={"n": n})
+
+
+class GANFamily:
+    """The DCGAN behind the `classic.Family` protocol."""
+
+    name = "gan"
+    data_kind: classic.DataKind = "images"
+    tasks = frozenset({"images"})
+
+    def make_config(self, overrides: Mapping[str, Any], data: classic.Data) -> GANConfig:
+        known = [f.name for f in fields(GANConfig) if f.name not in DATA_FIELDS]
+        for key in overrides:
+            if key in DATA_FIELDS:
+                raise ValueError(f"gan config key {key!r} is set from the data")
+            if key not in known:
+                raise ValueError(f"unknown config key {key!r} for gan; known: {known}")
+        if not isinstance(data, torch.Tensor) or data.ndim != 4:
+            raise ValueError("gan trains on images: a float tensor (N, C, H, W)")
+        values = dict(overrides)
+        if isinstance(values.get("widths"), list):
+            values["widths"] = tuple(values["widths"])
+        channels, height, width = data.shape[1:]
+        return validate(GANConfig(**values, channels=channels, height=height, width=width))
+
+    def config_from_dict(self, values: Mapping[str, Any]) -> GANConfig:
+        return validate(GANConfig(**{**values, "widths": tuple(values["widths"])}))
+
+    def build(self, config: GANConfig) -> GAN:
+        return GAN(config)
+
+    def sample(
+        self,
+        model: nn.Module,
+        config: GANConfig,
+        request: Mapping[str, Any],
+        *,
+        device: str,
+        generator: torch.Generator,
+    ) -> classic.Sampled:
+        assert isinstance(model, GAN)
+        return sample(model, config, request, device=device, generator=generator)
+
+    def fit(
+        self,
+        model: nn.Module,
+        config: GANConfig,
+        train: classic.Data,
+        val: classic.Data,
+        *,
+        device: str,
+        generator: torch.Generator,
+        report: Callable[[classic.Progress], None],
+        should_stop: Callable[[], bool],
+    ) -> dict[str, float]:
+        """Alternate D and G steps over seeded shuffled batches; val_loss is the
+        discriminator's loss on the validation images against as many fixed fakes."""
+        assert isinstance(model, GAN) and isinstance(train, torch.Tensor)
+        assert isinstance(val, torch.Tensor)
+        betas = (config.beta1, 0.999)
+        optimizers = (
+            torch.optim.Adam(model.generator.parameters(), lr=config.lr, betas=betas),
+            torch.optim.Adam(model.discriminator.parameters(), lr=config.lr, betas=betas),
+        )
+        train, val = train.to(device) * 2 - 1, val.to(device) * 2 - 1
+        val_latents = torch.randn(
+            val.shape[0], config.latent_dim, generator=torch.Generator().manual_seed(VAL_SEED)
+        ).to(device)
+        # Full batches only: batch norm needs more than one image per batch.
+        batch_size = min(config.batch_size, train.shape[0])
+        batches = train.shape[0] // batch_size
+        step, metrics = 0, {}
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            order = torch.randperm(train.shape[0], generator=generator)
+            totals: dict[str, float] = {}
+            for index in order[: batches * batch_size].view(batches, batch_size):
+                if should_stop():
+                    raise classic.Stopped()
+                real = train[index.to(device)]
+                losses = training_step(model, optimizers, real, config, generator=generator)
+                step += 1
+                totals = {k: totals.get(k, 0.0) + v / batches for k, v in losses.items()}
+            model.eval()
+            with torch.no_grad():
+                fake = model.generator(val_latents)
+                val_loss = discriminator_loss(model, val, fake, config).item()
+            report(classic.Progress(epoch, step, totals, val_loss))
+            metrics = {**totals, "train_loss": totals["d_loss"], "val_loss": val_loss}
+        return metrics
+
+
+FAMILY = GANFamily()
