@@ -40,9 +40,9 @@ TEST_FRACTION = 0.2
 CONFIDENT = 0.9
 SPLIT_SEED = 0
 QUICK = {
-    "vae": {"epochs": 15},
-    "gan": {"epochs": 20},
-    "diffusion": {"epochs": 40},
+    "vae": {"epochs": 40},
+    "gan": {"epochs": 30},
+    "diffusion": {"epochs": 12},
 }
 
 

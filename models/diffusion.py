@@ -61,11 +61,14 @@ class DiffusionConfig:
     norm_groups: int = 8
     timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    epochs: int = 80
+    epochs: int = 120
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
+    # No weight averaging by default: with the ~2400 steps of the digits budget, an average
+    # over the last ~1000 steps (0.999) still carries undertrained weights and measured
+    # worse (0.64 confident samples against 0.78 at 60 epochs, bench/zoo_images.py).
     ema_decay: float = 0.0
-    lr_decay: bool = False
+    lr_decay: bool = True
 
 
 # field -> (type, low, high), inclusive.
@@ -185,6 +188,19 @@ def epsilon_loss(
         predicted = model(noisy, timesteps).sample
     # The loss stays in float32: small noise residuals vanish in bfloat16.
     return F.mse_loss(predicted.float(), noise.float())
+
+
+def validation_loss(
+    model: UNet2DModel,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> float:
+    """The epsilon MSE in eval mode on fixed noise and timesteps."""
+    model.eval()
+    with torch.no_grad():
+        return epsilon_loss(model, scheduler, images, noise, timesteps).item()
 
 
 def training_step(
@@ -335,12 +351,9 @@ class DiffusionFamily:
         averaged = [p.detach().clone() for p in model.parameters()] if config.ema_decay else []
         batch_size = min(config.batch_size, train.shape[0])
         batches = train.shape[0] // batch_size
-        steps = config.epochs * batches
-        schedule = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-            if config.lr_decay
-            else None
-        )
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR
+        schedules = [cosine(optimizer, config.epochs * batches)] if config.lr_decay else []
+        validation = (val, val_noise, val_steps.to(device))
         step, metrics = 0, {}
         for epoch in range(1, config.epochs + 1):
             model.train()
@@ -352,7 +365,7 @@ class DiffusionFamily:
                 images = train[index.to(device)]
                 losses = training_step(model, optimizer, scheduler, images, generator=generator)
                 total += losses["loss"]
-                if schedule is not None:
+                for schedule in schedules:
                     schedule.step()
                 step += 1
                 if averaged:
@@ -360,17 +373,14 @@ class DiffusionFamily:
                         torch._foreach_lerp_(
                             averaged, list(model.parameters()), 1 - config.ema_decay
                         )
-            model.eval()
-            with torch.no_grad():
-                val_loss = epsilon_loss(
-                    model, scheduler, val, val_noise, val_steps.to(device)
-                ).item()
+            val_loss = validation_loss(model, scheduler, *validation)
             report(classic.Progress(epoch, step, {"loss": total / batches}, val_loss))
             metrics = {"train_loss": total / batches, "val_loss": val_loss}
         if averaged:
             with torch.no_grad():
                 for mean, parameter in zip(averaged, model.parameters(), strict=True):
                     parameter.copy_(mean)
+            metrics["val_loss"] = validation_loss(model, scheduler, *validation)
         return metrics
 
 

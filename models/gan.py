@@ -3,8 +3,9 @@
 Following the paper's guidelines: strided (transposed) convolutions instead of pooling,
 batch norm in both nets except the discriminator's input layer and the generator's
 output, ReLU in the generator with a tanh output, LeakyReLU(0.2) in the discriminator,
-Adam with lr 2e-4 and beta1 0.5. Trained with the non-saturating loss of Goodfellow et
-al. 2014 plus a stabiliser (see `GANConfig.real_label`).
+Adam with beta1 0.5 (lr 5e-4 rather than the paper's 2e-4: these nets are small).
+Trained with the non-saturating loss of Goodfellow et al. 2014 plus a stabiliser (see
+`GANConfig.real_label`).
 """
 
 from __future__ import annotations
@@ -41,21 +42,31 @@ class GANConfig:
         r1_gamma: Weight of the R1 gradient penalty on real images (Mescheder et al. 2018,
             arXiv:1801.04406, eq. 9); 0 turns it off.
         epochs, batch_size, lr, beta1: The Adam budget, shared by both nets.
+        lr_decay: Anneal both learning rates to 0 along a cosine over the run.
+        ema_decay: Ship an exponential moving average of the generator's weights
+            (Yazici et al. 2018, arXiv:1806.04498); 0 ships the last weights.
     """
 
     channels: int = 1
     height: int = 8
     width: int = 8
-    widths: tuple[int, ...] = (64, 128)
+    widths: tuple[int, ...] = (32, 64)
     latent_dim: int = 32
-    # Stabiliser, chosen by measurement on the digits (bench/zoo_images.py): see the report
-    # in `FAMILY.fit`'s docstring for the figures.
+    # The stabiliser is one-sided label smoothing, chosen by measurement on the digits
+    # (bench/zoo_images.py, widths (32, 64), 120 epochs, seed 0): smoothing to 0.9 gave
+    # 0.756 confident samples, rarest class 0.070, FD 13.1; R1 with gamma 1 gave 0.760,
+    # 0.039, FD 11.0 at 1.6x the CPU time (a double backward). Same quality, better
+    # class coverage, cheaper: smoothing. (At 60 epochs: 0.689 / 0.720 / 0.700 without.)
     real_label: float = 0.9
     r1_gamma: float = 0.0
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 2e-4
+    epochs: int = 200
+    batch_size: int = 32
+    lr: float = 5e-4
     beta1: float = 0.5
+    # Measured with these defaults (200 epochs): cosine decay 0.767 confident samples, FD 9.1;
+    # constant lr 0.765, FD 10.2; weight averaging (0.999) 0.757, with decay 0.768, so off.
+    lr_decay: bool = True
+    ema_decay: float = 0.0
 
 
 # field -> (type, low, high), inclusive.
@@ -68,6 +79,7 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "batch_size": (int, 2, 4096),
     "lr": (float, 1e-6, 1.0),
     "beta1": (float, 0.0, 0.999),
+    "ema_decay": (float, 0.0, 0.99999),
 }
 
 
@@ -89,6 +101,8 @@ def validate(config: GANConfig) -> GANConfig:
     for name in RANGES:
         if name != "widths":
             _check_value(name, getattr(config, name))
+    if not isinstance(config.lr_decay, bool):
+        raise ValueError(f"gan config lr_decay={config.lr_decay!r} must be true or false")
     factor = 2 ** (len(config.widths) - 1)
     for name in ("height", "width"):
         side = getattr(config, name)
@@ -168,9 +182,9 @@ def discriminator_loss(
     real_logits = model.discriminator(real).float()
     fake_logits = model.discriminator(fake).float()
     targets = torch.full_like(real_logits, config.real_label)
-    return F.binary_cross_entropy_with_logits(
-        real_logits, targets
-    ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    real_loss = F.binary_cross_entropy_with_logits(real_logits, targets)
+    fake_loss = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return real_loss + fake_loss
 
 
 def training_step(
@@ -259,6 +273,32 @@ def sample(
     return classic.Sampled(images=to_uint8(images), meta={"n": n})
 
 
+def use_average(
+    network: Generator,
+    averaged: list[torch.Tensor],
+    config: GANConfig,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
+    """Load the averaged weights, then re-estimate batch-norm statistics for them: the
+    running statistics were gathered with the live weights."""
+    device = next(network.parameters()).device
+    with torch.no_grad():
+        for parameter, mean in zip(network.parameters(), averaged, strict=True):
+            parameter.copy_(mean)
+        network.train()
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the batches below
+        for _ in range(20):
+            network(torch.randn(batch_size, config.latent_dim, generator=generator).to(device))
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.1
+    network.eval()
+
+
 class GANFamily:
     """The DCGAN behind the `classic.Family` protocol."""
 
@@ -327,6 +367,11 @@ class GANFamily:
         # Full batches only: batch norm needs more than one image per batch.
         batch_size = min(config.batch_size, train.shape[0])
         batches = train.shape[0] // batch_size
+        schedules = [
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * batches)
+            for optimizer in (optimizers if config.lr_decay else ())
+        ]
+        averaged = [p.detach().clone() for p in model.generator.parameters()]
         step, metrics = 0, {}
         for epoch in range(1, config.epochs + 1):
             model.train()
@@ -337,6 +382,12 @@ class GANFamily:
                     raise classic.Stopped()
                 real = train[index.to(device)]
                 losses = training_step(model, optimizers, real, config, generator=generator)
+                for schedule in schedules:
+                    schedule.step()
+                if config.ema_decay:
+                    with torch.no_grad():
+                        weights = list(model.generator.parameters())
+                        torch._foreach_lerp_(averaged, weights, 1 - config.ema_decay)
                 step += 1
                 totals = {k: totals.get(k, 0.0) + v / batches for k, v in losses.items()}
             model.eval()
@@ -345,6 +396,8 @@ class GANFamily:
                 val_loss = discriminator_loss(model, val, fake, config).item()
             report(classic.Progress(epoch, step, totals, val_loss))
             metrics = {**totals, "train_loss": totals["d_loss"], "val_loss": val_loss}
+        if config.ema_decay:
+            use_average(model.generator, averaged, config, batch_size, generator)
         return metrics
 
 

@@ -87,6 +87,13 @@ def test_r1_penalty_trains_and_reports_it() -> None:
     assert np.isfinite(reports[-1].losses["r1"])
 
 
+def test_averaged_generator_with_lr_decay_trains_and_samples() -> None:
+    overrides = {**TINY, "epochs": 1, "ema_decay": 0.9, "lr_decay": True}
+    result = classic.train("gan", overrides, bars(16))
+    images = classic.sample(result, {"task": "images", "n": 3}, seed=0).images
+    assert images.shape == (3, 8, 8) and np.isfinite(result.metrics["val_loss"])
+
+
 def test_samples_are_uint8_images_of_the_training_shape(trained) -> None:
     result, _ = trained
     sampled = classic.sample(result, {"task": "images", "n": 5}, seed=1)

@@ -11,7 +11,14 @@ import torch
 from models import vae
 from models.backends import classic
 
-TINY = {"widths": [8, 16], "latent_dim": 4, "epochs": 3, "batch_size": 8, "lr": 1e-2}
+TINY = {
+    "widths": [8, 16],
+    "latent_dim": 4,
+    "prior_components": 1,
+    "epochs": 3,
+    "batch_size": 8,
+    "lr": 1e-2,
+}
 
 
 def bars(count: int, seed: int = 0) -> torch.Tensor:
