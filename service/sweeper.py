@@ -71,7 +71,7 @@ def sweep_training(
     now = utcnow()
     published = 0
     for job in training.stale_training_jobs(session, now=now, requeue_after_s=requeue_after_s):
-        if _due(job, now, requeue_after_s) and training.requeue_training_job(
+        if _due(job, now, requeue_after_s) and crud.requeue_job(
             session, job=job, max_attempts=max_attempts
         ):
             logger.info("re-publishing training job %s (status was %s)", job.id, job.status)

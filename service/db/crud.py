@@ -32,6 +32,7 @@ from service.db.tables import (
 
 KEY_PREFIX = "gsk_"
 R = TypeVar("R", Job, Generation, File, Batch, TrainingJob)
+Q = TypeVar("Q", Job, TrainingJob)  # the two kinds of job a worker claims
 
 
 @dataclass(frozen=True)
@@ -509,21 +510,27 @@ def get_generations(session: Session, *, ids: Sequence[str]) -> dict[str, Genera
 
 
 def claim_job(session: Session, *, job_id: str, lease_s: float) -> Job | None:
-    """Mark a job running if it is queued, or running with an expired lease; else None.
+    """Mark a job running if it is queued, or running with an expired lease; else None."""
+    return claim(session, Job, job_id=job_id, lease_s=lease_s)
+
+
+def claim(session: Session, table: type[Q], *, job_id: str, lease_s: float) -> Q | None:
+    """Mark a job (or training job) running if it is queued, or running with an expired
+    lease, and not asked to cancel; else None.
 
     The conditional UPDATE is the claim: of two deliveries of one job, one wins.
     """
     now = utcnow()
     claimable = or_(
-        Job.status == "queued",
-        and_(Job.status == "running", Job.lease_expires_at < now),
+        table.status == "queued",
+        and_(table.status == "running", table.lease_expires_at < now),
     )
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
+        update(table)
+        .where(table.id == job_id, claimable, table.cancel_requested.is_(False))
         .values(
             status="running",
-            attempts=Job.attempts + 1,
+            attempts=table.attempts + 1,
             started_at=now,
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
@@ -532,7 +539,7 @@ def claim_job(session: Session, *, job_id: str, lease_s: float) -> Job | None:
     session.commit()
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    return session.get(Job, job_id, populate_existing=True)
+    return session.get(table, job_id, populate_existing=True)
 
 
 def renew_leases(session: Session, *, job_ids: Collection[str], lease_s: float) -> set[str]:
@@ -646,13 +653,15 @@ def stale_jobs(
     return list(session.scalars(query))
 
 
-def requeue_job(session: Session, *, job: Job, max_attempts: int) -> bool:
-    """Claim a stale job for re-publishing (a conditional UPDATE, so one sweeper wins).
+def requeue_job(session: Session, *, job: Job | TrainingJob, max_attempts: int) -> bool:
+    """Claim a stale job or training job for re-publishing (a conditional UPDATE, so one
+    sweeper wins).
 
     A job that has used all its attempts is failed instead; returns whether to publish.
     """
+    table = type(job)
     same_state = and_(
-        Job.id == job.id, Job.status == job.status, Job.publish_count == job.publish_count
+        table.id == job.id, table.status == job.status, table.publish_count == job.publish_count
     )
     exhausted = job.attempts >= max_attempts
     values: dict[str, Any] = (
@@ -664,6 +673,8 @@ def requeue_job(session: Session, *, job: Job, max_attempts: int) -> bool:
         if exhausted
         else {"status": "queued", "published_at": utcnow(), "publish_count": job.publish_count + 1}
     )
-    result = session.execute(update(Job).where(same_state).values(lease_expires_at=None, **values))
+    result = session.execute(
+        update(table).where(same_state).values(lease_expires_at=None, **values)
+    )
     session.commit()
     return not exhausted and result.rowcount == 1  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db.crud import page_by_id
+from service.db.crud import claim, page_by_id
 from service.db.tables import ModelVersion, TrainingEvent, TrainingJob, new_id, utcnow
 
 # --- training jobs -----------------------------------------------------------------------
@@ -108,26 +108,7 @@ def training_events(
 
 def claim_training_job(session: Session, *, job_id: str, lease_s: float) -> TrainingJob | None:
     """Mark the job running if it is queued or its lease expired (one delivery wins)."""
-    now = utcnow()
-    claimable = or_(
-        TrainingJob.status == "queued",
-        and_(TrainingJob.status == "running", TrainingJob.lease_expires_at < now),
-    )
-    result = session.execute(
-        update(TrainingJob)
-        .where(TrainingJob.id == job_id, claimable, TrainingJob.cancel_requested.is_(False))
-        .values(
-            status="running",
-            attempts=TrainingJob.attempts + 1,
-            started_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    return session.get(TrainingJob, job_id, populate_existing=True)
+    return claim(session, TrainingJob, job_id=job_id, lease_s=lease_s)
 
 
 def record_training_event(
@@ -216,34 +197,6 @@ def stale_training_jobs(
         .limit(limit)
     )
     return list(session.scalars(query))
-
-
-def requeue_training_job(session: Session, *, job: TrainingJob, max_attempts: int) -> bool:
-    """Claim a stale job for re-publishing, or fail it when its attempts are used up."""
-    same_state = and_(
-        TrainingJob.id == job.id,
-        TrainingJob.status == job.status,
-        TrainingJob.publish_count == job.publish_count,
-    )
-    exhausted = job.attempts >= max_attempts
-    values: dict[str, Any] = (
-        {
-            "status": "failed",
-            "finished_at": utcnow(),
-            "error": f"gave up after {job.attempts} attempts (worker lost or timed out)",
-        }
-        if exhausted
-        else {
-            "status": "queued",
-            "published_at": utcnow(),
-            "publish_count": job.publish_count + 1,
-        }
-    )
-    result = session.execute(
-        update(TrainingJob).where(same_state).values(lease_expires_at=None, **values)
-    )
-    session.commit()
-    return not exhausted and result.rowcount == 1  # type: ignore[attr-defined]
 
 
 # --- model versions ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from sqlalchemy.orm import Session
 
 from models.registry import REGISTRY, TRAINED_FAMILIES
+from service import trained
 from service.api.deps import CallerDep, EmbeddingModelDep, ServedModelsDep, SessionDep, WriterDep
 from service.api.errors import ERROR_RESPONSES, Conflict, NotFound
 from service.checkpoints import BUILTIN_OWNER
@@ -71,13 +72,6 @@ def read_models(
     return ModelList(data=[*fixed, *_trained_cards(session, caller.tenant_id, caller.tenant)])
 
 
-def _parse_ref(model: str) -> tuple[str, int | None]:
-    name, _, version = model.partition(":")
-    if version and not version.isdigit():
-        raise NotFound(f"model {model!r} is not served here", param="model", code="model_not_found")
-    return name, int(version) if version else None
-
-
 @router.get("/{model}", response_model=TrainedModelCard | ModelCard)
 def read_model(
     model: str,
@@ -89,11 +83,10 @@ def read_model(
     """One served model, or one trained version ("name" for the default, "name:3")."""
     if model in _names(served, embedding_model) and model in REGISTRY:
         return ModelCard(id=model, created=CREATED)
-    name, version = _parse_ref(model)
-    row = training.get_version(session, tenant_id=caller.tenant_id, name=name, version=version)
+    row = trained.resolve_version(session, tenant_id=caller.tenant_id, model=model)
     if row is None:
         raise NotFound(f"model {model!r} is not served here", param="model", code="model_not_found")
-    cards = _trained_cards(session, caller.tenant_id, caller.tenant, name=name)
+    cards = _trained_cards(session, caller.tenant_id, caller.tenant, name=row.name)
     return next(card for card in cards if card.version == row.version)
 
 
