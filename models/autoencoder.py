@@ -16,47 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from models import configs
 from models.backends import classic
+from models.configs import AutoencoderConfig
 
-# Filled from the images; an override would not match the data.
-DERIVED = ("channels", "height", "width")
 MAX_SAMPLES = 10_000
-
-
-@dataclass
-class AutoencoderConfig:
-    """Hyperparameters; the defaults are the full training budget that ships."""
-
-    hidden_size: int = 256
-    latent_size: int = 16
-    noise_std: float = 0.2  # Gaussian corruption, in pixel units
-    mask_fraction: float = 0.25  # share of pixels zeroed by the corruption
-    epochs: int = 60
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    threshold_quantile: float = 0.99
-    channels: int = 0
-    height: int = 0
-    width: int = 0
-
-
-RANGES: dict[str, tuple[float, float]] = {
-    "hidden_size": (4, 8192),
-    "latent_size": (1, 4096),
-    "noise_std": (0.0, 1.0),
-    "mask_fraction": (0.0, 0.95),
-    "epochs": (1, 100_000),
-    "batch_size": (1, 65_536),
-    "learning_rate": (1e-6, 1.0),
-    "threshold_quantile": (0.5, 1.0),
-}
 
 
 class DenoisingAutoencoder(nn.Module):
@@ -152,18 +122,6 @@ def scores(
     return torch.cat(out)
 
 
-def _checked(name: str, value: Any, low: float, high: float) -> Any:
-    """`value` if it is a number of the field's type within [low, high]; else ValueError."""
-    want_int = isinstance(getattr(AutoencoderConfig, name), int)
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or (want_int and not float(value).is_integer()):
-        kind = "an integer" if want_int else "a number"
-        raise ValueError(f"autoencoder config {name!r} must be {kind}, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"autoencoder config {name!r}={value!r} is out of range [{low}, {high}]")
-    return int(value) if want_int else float(value)
-
-
 def _samples(config: AutoencoderConfig, samples: Any) -> torch.Tensor:
     """The request's images as float32 (N, C, H, W) in [0, 1]; ValueError names the field."""
     if isinstance(samples, np.ndarray):
@@ -194,16 +152,7 @@ class AutoencoderFamily:
     def make_config(self, overrides: Mapping[str, Any], data: classic.Data) -> AutoencoderConfig:
         if not isinstance(data, torch.Tensor) or data.ndim != 4:
             raise ValueError("autoencoder trains on images (N, C, H, W)")
-        known = sorted(f.name for f in fields(AutoencoderConfig) if f.name not in DERIVED)
-        values: dict[str, Any] = {}
-        for key, value in overrides.items():
-            if key in DERIVED:
-                raise ValueError(
-                    f"autoencoder config key {key!r} is set from the data, not overridable"
-                )
-            if key not in known:
-                raise ValueError(f"unknown config key {key!r} for autoencoder; known: {known}")
-            values[key] = _checked(key, value, *RANGES[key])
+        values = configs.check(self.name, overrides)
         _, channels, height, width = data.shape
         return AutoencoderConfig(**values, channels=channels, height=height, width=width)
 

@@ -12,51 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import configs
 from models.backends import classic
-
-CELLS = ("rnn", "lstm", "gru")
-# Filled from the training text; an override would not match the data.
-DERIVED = ("vocab",)
-
-
-@dataclass
-class CharRNNConfig:
-    """Hyperparameters; the defaults are the full training budget that ships."""
-
-    cell: str = "lstm"
-    num_layers: int = 1
-    hidden_size: int = 256
-    embedding_size: int = 64
-    dropout: float = 0.1
-    seq_len: int = 64  # truncated BPTT window
-    batch_size: int = 64
-    epochs: int = 12
-    steps_per_epoch: int = 50
-    learning_rate: float = 3e-3
-    grad_clip: float = 1.0
-    vocab: str = ""  # data-derived: the sorted characters of the training text
-
-
-# name -> (low, high) inclusive; cell is checked against CELLS.
-RANGES: dict[str, tuple[float, float]] = {
-    "num_layers": (1, 8),
-    "hidden_size": (4, 4096),
-    "embedding_size": (2, 1024),
-    "dropout": (0.0, 0.9),
-    "seq_len": (2, 4096),
-    "batch_size": (1, 4096),
-    "epochs": (1, 10_000),
-    "steps_per_epoch": (1, 1_000_000),
-    "learning_rate": (1e-6, 1.0),
-    "grad_clip": (0.0, 1e6),
-}
+from models.configs import CharRNNConfig
 
 
 class CharRNN(nn.Module):
@@ -211,18 +175,6 @@ def _get(request: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _checked(name: str, value: Any, low: float, high: float) -> Any:
-    """`value` if it is a number of the field's type within [low, high]; else ValueError."""
-    want_int = isinstance(getattr(CharRNNConfig, name), int)
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or (want_int and not float(value).is_integer()):
-        kind = "an integer" if want_int else "a number"
-        raise ValueError(f"char_rnn config {name!r} must be {kind}, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"char_rnn config {name!r}={value!r} is out of range [{low}, {high}]")
-    return int(value) if want_int else float(value)
-
-
 class CharRNNFamily:
     """The `classic.Family` of character-level recurrent language models."""
 
@@ -235,21 +187,7 @@ class CharRNNFamily:
             raise ValueError(f"char_rnn trains on text, got {type(data).__name__}")
         if len(data) < 20:
             raise ValueError(f"char_rnn needs at least 20 characters of text, got {len(data)}")
-        known = sorted(f.name for f in fields(CharRNNConfig) if f.name not in DERIVED)
-        values: dict[str, Any] = {}
-        for key, value in overrides.items():
-            if key in DERIVED:
-                raise ValueError(
-                    f"char_rnn config key {key!r} is set from the data, not overridable"
-                )
-            if key not in known:
-                raise ValueError(f"unknown config key {key!r} for char_rnn; known: {known}")
-            if key == "cell":
-                if value not in CELLS:
-                    raise ValueError(f"char_rnn config 'cell'={value!r} must be one of {CELLS}")
-                values[key] = value
-            else:
-                values[key] = _checked(key, value, *RANGES[key])
+        values = configs.check(self.name, overrides)
         return CharRNNConfig(**values, vocab="".join(sorted(set(data))))
 
     def config_from_dict(self, values: Mapping[str, Any]) -> CharRNNConfig:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -21,98 +20,29 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
+from models import configs
 from models.backends import classic
+from models.configs import BETA_SCHEDULES, DiffusionConfig
 
-DATA_FIELDS = ("channels", "height", "width")
 MAX_SIDE = 64
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # The validation noise and timesteps come from this fixed seed, so val_loss is comparable
 # across epochs and does not consume the training generator.
 VAL_SEED = 0
 
 
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """Hyperparameters; the defaults are the budget the shipped checkpoints train with.
-
-    Attributes:
-        channels, height, width: The training images' shape, set from the data.
-        block_channels: UNet channels per resolution, full resolution first; each level
-            after the first halves the (padded) side.
-        layers_per_block: ResNet layers per UNet block.
-        attention: Self-attention in the UNet's middle block (the lowest resolution, where
-            it is cheap and sees the whole image).
-        norm_groups: GroupNorm groups; must divide every entry of block_channels.
-        timesteps: Diffusion steps T of the training noise schedule.
-        beta_schedule: The schedule of the noise variances (diffusers' names).
-        epochs, batch_size, lr: The AdamW budget.
-        lr_decay: Anneal the learning rate to 0 along a cosine over the run (Loshchilov &
-            Hutter 2016, arXiv:1608.03983, without restarts).
-        ema_decay: Decay of the exponential moving average of the weights that is kept
-            and shipped (Ho et al. 2020, appendix B, use 0.9999); 0 keeps the raw weights.
-    """
-
-    channels: int = 1
-    height: int = 8
-    width: int = 8
-    block_channels: tuple[int, ...] = (32, 48)
-    layers_per_block: int = 1
-    attention: bool = True
-    norm_groups: int = 8
-    timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    epochs: int = 120
-    batch_size: int = 64
-    lr: float = 1e-3
-    # No weight averaging by default: with the ~2400 steps of the digits budget, an average
-    # over the last ~1000 steps (0.999) still carries undertrained weights and measured
-    # worse (0.64 confident samples against 0.78 at 60 epochs, bench/zoo_images.py).
-    ema_decay: float = 0.0
-    lr_decay: bool = True
-
-
-# field -> (type, low, high), inclusive.
-RANGES: dict[str, tuple[type, float, float]] = {
-    "block_channels": (int, 8, 256),
-    "layers_per_block": (int, 1, 4),
-    "norm_groups": (int, 1, 32),
-    "timesteps": (int, 10, 4000),
-    "epochs": (int, 1, 10_000),
-    "batch_size": (int, 1, 4096),
-    "lr": (float, 1e-6, 1.0),
-    "ema_decay": (float, 0.0, 0.99999),
-}
-
-
-def _check_value(name: str, value: Any) -> None:
-    kind, low, high = RANGES[name]
-    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
-    if isinstance(value, bool) or not ok_type or not low <= value <= high:
-        raise ValueError(
-            f"diffusion config {name}={value!r} is out of range: {kind.__name__} in [{low}, {high}]"
-        )
-
-
 def validate(config: DiffusionConfig) -> DiffusionConfig:
-    """Check every field; ValueError names the field, its value and the allowed range."""
+    """Check what the fields allow together (`classic.checked_overrides` bounds each one);
+    ValueError names the field and what it must be."""
     channels = config.block_channels
     if not isinstance(channels, tuple) or not 1 <= len(channels) <= 4:
         raise ValueError(
             f"diffusion config block_channels={channels!r} must hold 1 to 4 channel counts"
         )
-    for name in RANGES:
-        for value in channels if name == "block_channels" else [getattr(config, name)]:
-            _check_value(name, value)
     if any(width % config.norm_groups for width in channels):
         raise ValueError(
             f"diffusion config norm_groups={config.norm_groups} must divide every "
             f"block_channels entry {channels}"
         )
-    for name in ("attention", "lr_decay"):
-        if not isinstance(getattr(config, name), bool):
-            raise ValueError(
-                f"diffusion config {name}={getattr(config, name)!r} must be true or false"
-            )
     if config.beta_schedule not in BETA_SCHEDULES:
         raise ValueError(
             f"diffusion config beta_schedule={config.beta_schedule!r} must be one of "
@@ -295,17 +225,9 @@ class DiffusionFamily:
     tasks = frozenset({"images"})
 
     def make_config(self, overrides: Mapping[str, Any], data: classic.Data) -> DiffusionConfig:
-        known = [f.name for f in fields(DiffusionConfig) if f.name not in DATA_FIELDS]
-        for key in overrides:
-            if key in DATA_FIELDS:
-                raise ValueError(f"diffusion config key {key!r} is set from the data")
-            if key not in known:
-                raise ValueError(f"unknown config key {key!r} for diffusion; known: {known}")
+        values = configs.check(self.name, overrides)
         if not isinstance(data, torch.Tensor) or data.ndim != 4:
             raise ValueError("diffusion trains on images: a float tensor (N, C, H, W)")
-        values = dict(overrides)
-        if isinstance(values.get("block_channels"), list):
-            values["block_channels"] = tuple(values["block_channels"])
         channels, height, width = data.shape[1:]
         return validate(DiffusionConfig(**values, channels=channels, height=height, width=width))
 
@@ -343,7 +265,7 @@ class DiffusionFamily:
         assert isinstance(model, UNet2DModel) and isinstance(train, torch.Tensor)
         assert isinstance(val, torch.Tensor)
         scheduler = noise_scheduler(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
         train, val = pad(train.to(device) * 2 - 1, config), pad(val.to(device) * 2 - 1, config)
         val_generator = torch.Generator().manual_seed(VAL_SEED)
         val_noise = torch.randn(val.shape, generator=val_generator).to(device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -20,89 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import configs
 from models.backends import classic
+from models.configs import GANConfig
 
-DATA_FIELDS = ("channels", "height", "width")
 MAX_SIDE = 128
 # Validation fakes come from this fixed seed so that val_loss is comparable across epochs.
 VAL_SEED = 0
 
 
-@dataclass(frozen=True)
-class GANConfig:
-    """Hyperparameters; the defaults are the budget the shipped checkpoints train with.
-
-    Attributes:
-        channels, height, width: The training images' shape, set from the data.
-        widths: Channels per resolution, full resolution first, in both nets; each width
-            after the first halves the side, so sides must divide by 2 ** (len - 1).
-        latent_dim: Size of the generator's input noise z.
-        real_label: Target for real images in the discriminator loss; below 1 is one-sided
-            label smoothing (Salimans et al. 2016, arXiv:1606.03498, section 3.4).
-        r1_gamma: Weight of the R1 gradient penalty on real images (Mescheder et al. 2018,
-            arXiv:1801.04406, eq. 9); 0 turns it off.
-        epochs, batch_size, lr, beta1: The Adam budget, shared by both nets.
-        lr_decay: Anneal both learning rates to 0 along a cosine over the run.
-        ema_decay: Ship an exponential moving average of the generator's weights
-            (Yazici et al. 2018, arXiv:1806.04498); 0 ships the last weights.
-    """
-
-    channels: int = 1
-    height: int = 8
-    width: int = 8
-    widths: tuple[int, ...] = (32, 64)
-    latent_dim: int = 32
-    # The stabiliser is one-sided label smoothing, chosen by measurement on the digits
-    # (bench/zoo_images.py, widths (32, 64), 120 epochs, seed 0): smoothing to 0.9 gave
-    # 0.756 confident samples, rarest class 0.070, FD 13.1; R1 with gamma 1 gave 0.760,
-    # 0.039, FD 11.0 at 1.6x the CPU time (a double backward). Same quality, better
-    # class coverage, cheaper: smoothing. (At 60 epochs: 0.689 / 0.720 / 0.700 without.)
-    real_label: float = 0.9
-    r1_gamma: float = 0.0
-    epochs: int = 200
-    batch_size: int = 32
-    lr: float = 5e-4
-    beta1: float = 0.5
-    # Measured with these defaults (200 epochs): cosine decay 0.767 confident samples, FD 9.1;
-    # constant lr 0.765, FD 10.2; weight averaging (0.999) 0.757, with decay 0.768, so off.
-    lr_decay: bool = True
-    ema_decay: float = 0.0
-
-
-# field -> (type, low, high), inclusive.
-RANGES: dict[str, tuple[type, float, float]] = {
-    "widths": (int, 4, 512),
-    "latent_dim": (int, 1, 512),
-    "real_label": (float, 0.5, 1.0),
-    "r1_gamma": (float, 0.0, 1000.0),
-    "epochs": (int, 1, 10_000),
-    "batch_size": (int, 2, 4096),
-    "lr": (float, 1e-6, 1.0),
-    "beta1": (float, 0.0, 0.999),
-    "ema_decay": (float, 0.0, 0.99999),
-}
-
-
-def _check_value(name: str, value: Any) -> None:
-    kind, low, high = RANGES[name]
-    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
-    if isinstance(value, bool) or not ok_type or not low <= value <= high:
-        raise ValueError(
-            f"gan config {name}={value!r} is out of range: {kind.__name__} in [{low}, {high}]"
-        )
-
-
 def validate(config: GANConfig) -> GANConfig:
-    """Check every field; ValueError names the field, its value and the allowed range."""
+    """Check what the fields allow together (`classic.checked_overrides` bounds each one);
+    ValueError names the field and what it must be."""
     if not isinstance(config.widths, tuple) or not 1 <= len(config.widths) <= 4:
         raise ValueError(f"gan config widths={config.widths!r} must hold 1 to 4 channel counts")
-    for width in config.widths:
-        _check_value("widths", width)
-    for name in RANGES:
-        if name != "widths":
-            _check_value(name, getattr(config, name))
-    if not isinstance(config.lr_decay, bool):
-        raise ValueError(f"gan config lr_decay={config.lr_decay!r} must be true or false")
     factor = 2 ** (len(config.widths) - 1)
     for name in ("height", "width"):
         side = getattr(config, name)
@@ -249,7 +179,13 @@ def sample(
     device: str,
     generator: torch.Generator,
 ) -> classic.Sampled:
-    """Generate images from z ~ N(0, I).
+    """Generate images from z ~ N(0, I), keeping the candidates the discriminator rates
+    most real (`GANConfig.keep_fraction`).
+
+    This is discriminator rejection sampling (Azadi et al. 2019, arXiv:1810.06758) in its
+    top-k form: the trained discriminator still tells the generator's good samples from
+    its poor ones, so drawing n / keep_fraction candidates and keeping the n with the
+    highest logits trades some diversity for fidelity. The kept images stay in draw order.
 
     Args:
         model: A trained GAN on `device`.
@@ -259,18 +195,22 @@ def sample(
         generator: CPU generator for the latents.
 
     Returns:
-        Sampled with uint8 images and meta {"n"}.
+        Sampled with uint8 images and meta {"n", "candidates"}.
     """
     if request.get("task") != "images":
         raise ValueError(f"task must be 'images' for gan, got {request.get('task')!r}")
     n = request.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
         raise ValueError(f"n must be an integer in [1, 256], got {n!r}")
-    latents = torch.randn(n, config.latent_dim, generator=generator).to(device)
+    candidates = math.ceil(n / config.keep_fraction)
+    latents = torch.randn(candidates, config.latent_dim, generator=generator).to(device)
     model.eval()
     with torch.inference_mode():
         images = model.generator(latents)
-    return classic.Sampled(images=to_uint8(images), meta={"n": n})
+        if candidates > n:
+            realness = model.discriminator(images).float()
+            images = images[realness.topk(n).indices.sort().values]
+    return classic.Sampled(images=to_uint8(images), meta={"n": n, "candidates": candidates})
 
 
 def use_average(
@@ -307,17 +247,9 @@ class GANFamily:
     tasks = frozenset({"images"})
 
     def make_config(self, overrides: Mapping[str, Any], data: classic.Data) -> GANConfig:
-        known = [f.name for f in fields(GANConfig) if f.name not in DATA_FIELDS]
-        for key in overrides:
-            if key in DATA_FIELDS:
-                raise ValueError(f"gan config key {key!r} is set from the data")
-            if key not in known:
-                raise ValueError(f"unknown config key {key!r} for gan; known: {known}")
+        values = configs.check(self.name, overrides)
         if not isinstance(data, torch.Tensor) or data.ndim != 4:
             raise ValueError("gan trains on images: a float tensor (N, C, H, W)")
-        values = dict(overrides)
-        if isinstance(values.get("widths"), list):
-            values["widths"] = tuple(values["widths"])
         channels, height, width = data.shape[1:]
         return validate(GANConfig(**values, channels=channels, height=height, width=width))
 
@@ -357,8 +289,10 @@ class GANFamily:
         assert isinstance(val, torch.Tensor)
         betas = (config.beta1, 0.999)
         optimizers = (
-            torch.optim.Adam(model.generator.parameters(), lr=config.lr, betas=betas),
-            torch.optim.Adam(model.discriminator.parameters(), lr=config.lr, betas=betas),
+            torch.optim.Adam(model.generator.parameters(), lr=config.learning_rate, betas=betas),
+            torch.optim.Adam(
+                model.discriminator.parameters(), lr=config.learning_rate, betas=betas
+            ),
         )
         train, val = train.to(device) * 2 - 1, val.to(device) * 2 - 1
         val_latents = torch.randn(

@@ -19,64 +19,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import configs
 from models.backends import classic
+from models.configs import TabularConfig
 
-# Filled from the table; an override would not match the data.
-DERIVED = ("columns", "means", "stds", "minimums", "maximums", "decimals", "categories")
 MAX_CATEGORIES = 1000
 MAX_DECIMALS = 6
-
-
-@dataclass
-class TabularConfig:
-    """Hyperparameters and the column schema; defaults are the full training budget."""
-
-    condition_columns: list[str] = field(default_factory=list)
-    # Column -> "numeric" | "categorical"; overrides name some columns, the data the rest.
-    column_types: dict[str, str] = field(default_factory=dict)
-    latent_size: int = 8
-    hidden_size: int = 64
-    num_layers: int = 2
-    epochs: int = 300
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    condition_dropout: float = 0.5
-    kl_weight: float = 1.0
-    # Data-derived schema, keyed by column name.
-    columns: list[str] = field(default_factory=list)
-    means: dict[str, float] = field(default_factory=dict)
-    stds: dict[str, float] = field(default_factory=dict)
-    minimums: dict[str, float] = field(default_factory=dict)
-    maximums: dict[str, float] = field(default_factory=dict)
-    decimals: dict[str, int] = field(default_factory=dict)  # -1: integer column
-    categories: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def numeric(self) -> list[str]:
-        return [c for c in self.columns if self.column_types[c] == "numeric"]
-
-    @property
-    def categorical(self) -> list[str]:
-        return [c for c in self.columns if self.column_types[c] == "categorical"]
-
-
-RANGES: dict[str, tuple[float, float]] = {
-    "latent_size": (1, 1024),
-    "hidden_size": (4, 8192),
-    "num_layers": (1, 8),
-    "epochs": (1, 100_000),
-    "batch_size": (1, 65_536),
-    "learning_rate": (1e-6, 1.0),
-    "condition_dropout": (0.0, 1.0),
-    "kl_weight": (0.0, 100.0),
-}
 
 
 def _mlp(inputs: int, hidden: int, layers: int, outputs: int) -> nn.Sequential:
@@ -285,18 +239,6 @@ def _schema(config: TabularConfig, table: classic.Table) -> None:
         config.decimals[c] = _decimals(texts)
 
 
-def _checked(name: str, value: Any, low: float, high: float) -> Any:
-    """`value` if it is a number of the field's type within [low, high]; else ValueError."""
-    want_int = isinstance(getattr(TabularConfig, name), int)
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or (want_int and not float(value).is_integer()):
-        kind = "an integer" if want_int else "a number"
-        raise ValueError(f"tabular config {name!r} must be {kind}, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"tabular config {name!r}={value!r} is out of range [{low}, {high}]")
-    return int(value) if want_int else float(value)
-
-
 def _check_columns(config: TabularConfig, columns: tuple[str, ...]) -> None:
     """ValueError for condition_columns or column_types naming unknown columns or types."""
     names, types = config.condition_columns, config.column_types
@@ -349,16 +291,7 @@ class TabularFamily:
     def make_config(self, overrides: Mapping[str, Any], data: classic.Data) -> TabularConfig:
         if not isinstance(data, classic.Table):
             raise ValueError(f"tabular trains on a table, got {type(data).__name__}")
-        known = sorted(f.name for f in fields(TabularConfig) if f.name not in DERIVED)
-        values: dict[str, Any] = {}
-        for key, value in overrides.items():
-            if key in DERIVED:
-                raise ValueError(
-                    f"tabular config key {key!r} is set from the data, not overridable"
-                )
-            if key not in known:
-                raise ValueError(f"unknown config key {key!r} for tabular; known: {known}")
-            values[key] = value if key not in RANGES else _checked(key, value, *RANGES[key])
+        values = configs.check(self.name, overrides)
         config = TabularConfig(**values)
         _check_columns(config, data.columns)
         _schema(config, data)

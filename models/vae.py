@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -21,73 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import configs
 from models.backends import classic
+from models.configs import VAEConfig
 
-DATA_FIELDS = ("channels", "height", "width")
 MAX_SIDE = 128
 
 
-@dataclass(frozen=True)
-class VAEConfig:
-    """Hyperparameters; the defaults are the budget the shipped checkpoints train with.
-
-    Attributes:
-        channels, height, width: The training images' shape, set from the data.
-        widths: Convolution channels per resolution; each width after the first halves
-            the image side, so height and width must divide by 2 ** (len(widths) - 1).
-        latent_dim: Size of z.
-        prior_components: 1 for the standard N(0, I) prior; K > 1 for a learned mixture of
-            K diagonal Gaussians (a mixture-of-Gaussians prior as in Dilokthanakul et al.
-            2016, arXiv:1611.02648), whose KL term is then a one-sample Monte Carlo
-            estimate, log q(z|x) - log p(z).
-        beta: Weight of the KL term.
-        epochs, batch_size, lr: The Adam training budget.
-    """
-
-    channels: int = 1
-    height: int = 8
-    width: int = 8
-    widths: tuple[int, ...] = (32, 64)
-    latent_dim: int = 6
-    # A learned mixture prior: under N(0, I) many prior samples fall between the classes
-    # the encoder separates. Measured on the digits (bench/zoo_images.py), the share of
-    # samples classified with confidence >= 0.9 was 0.70-0.75 with N(0, I) for latent
-    # sizes 3-8 and wider nets, and 0.85 with 16 components.
-    prior_components: int = 16
-    beta: float = 1.0
-    epochs: int = 200
-    batch_size: int = 64
-    lr: float = 2e-3
-
-
-# field -> (type, low, high), inclusive.
-RANGES: dict[str, tuple[type, float, float]] = {
-    "widths": (int, 4, 256),
-    "latent_dim": (int, 1, 256),
-    "prior_components": (int, 1, 64),
-    "beta": (float, 0.0, 100.0),
-    "epochs": (int, 1, 10_000),
-    "batch_size": (int, 1, 4096),
-    "lr": (float, 1e-6, 1.0),
-}
-
-
-def _check_value(name: str, value: Any) -> None:
-    kind, low, high = RANGES[name]
-    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
-    if isinstance(value, bool) or not ok_type or not low <= value <= high:
-        raise ValueError(
-            f"vae config {name}={value!r} is out of range: {kind.__name__} in [{low}, {high}]"
-        )
-
-
 def validate(config: VAEConfig) -> VAEConfig:
-    """Check every field; ValueError names the field, its value and the allowed range."""
+    """Check what the fields allow together (`classic.checked_overrides` bounds each one);
+    ValueError names the field and what it must be."""
     if not isinstance(config.widths, tuple) or not 1 <= len(config.widths) <= 4:
         raise ValueError(f"vae config widths={config.widths!r} must hold 1 to 4 channel counts")
-    for name in RANGES:
-        for value in config.widths if name == "widths" else [getattr(config, name)]:
-            _check_value(name, value)
     factor = 2 ** (len(config.widths) - 1)
     for name in ("height", "width"):
         side = getattr(config, name)
@@ -349,19 +293,9 @@ class VAEFamily:
     tasks = frozenset({"images", "anomaly"})
 
     def make_config(self, overrides: Mapping[str, Any], data: classic.Data) -> VAEConfig:
-        known = [f.name for f in fields(VAEConfig) if f.name not in DATA_FIELDS]
-        for key in overrides:
-            if key in DATA_FIELDS:
-                raise ValueError(
-                    f"vae config key {key!r} is set from the data and cannot be overridden"
-                )
-            if key not in known:
-                raise ValueError(f"unknown config key {key!r} for vae; known: {known}")
+        values = configs.check(self.name, overrides)
         if not isinstance(data, torch.Tensor) or data.ndim != 4:
             raise ValueError("vae trains on images: a float tensor (N, C, H, W)")
-        values = dict(overrides)
-        if isinstance(values.get("widths"), list):
-            values["widths"] = tuple(values["widths"])
         channels, height, width = data.shape[1:]
         return validate(VAEConfig(**values, channels=channels, height=height, width=width))
 
@@ -397,7 +331,7 @@ class VAEFamily:
     ) -> dict[str, float]:
         assert isinstance(model, VAE) and isinstance(train, torch.Tensor)
         assert isinstance(val, torch.Tensor)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
         train, val = train.to(device), val.to(device)
         batch_size = min(config.batch_size, train.shape[0])
         batches = train.shape[0] // batch_size

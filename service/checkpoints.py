@@ -60,11 +60,9 @@ def read_header(path: Path) -> Header:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The file's sha256, as registered for a model version."""
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def resolve(artifact_path: str, artifacts_dir: Path) -> Path:

@@ -8,6 +8,7 @@ it turns uploaded dataset bytes into the tensors a family trains on.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib
@@ -133,7 +134,8 @@ class Family(Protocol):
         `request["task"]` is one of `tasks`; the other keys, by task:
         - "text": prefix (str, may be empty), max_length (new characters), temperature
           (0 is greedy), top_k (int or None).
-        - "images": n; or interpolate = {from_seed, to_seed, steps} (VAE only);
+        - "images": n; or interpolate = {from_seed, to_seed, steps, method: "slerp" |
+          "linear"} (VAE only);
           steps (diffusion only: DDIM sampling steps).
         - "rows": n, conditions ({column: value}, may be empty).
         - "anomaly": samples, a float32 tensor (N, C, H, W) in [0, 1] like the training
@@ -350,19 +352,31 @@ def train(
     config = fam.make_config(overrides, data)
     train_data, val_data = split(data, val_fraction=val_fraction, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = fam.build(config).to(device)
-    metrics = fam.fit(
-        model,
-        config,
-        train_data,
-        val_data,
-        device=device,
-        generator=generator,
-        report=report,
-        should_stop=should_stop,
-    )
+    # The initial weights and dropout draw from the global generators: seed them for a
+    # repeatable run, and give the process its own state back afterwards.
+    with _private_rng(device):
+        torch.manual_seed(seed)
+        model = fam.build(config).to(device)
+        metrics = fam.fit(
+            model,
+            config,
+            train_data,
+            val_data,
+            device=device,
+            generator=generator,
+            report=report,
+            should_stop=should_stop,
+        )
     return Trained(arch=arch, config=config, model=model.eval(), metrics=metrics)
+
+
+def _private_rng(device: str) -> contextlib.AbstractContextManager[None]:
+    """Fork the CPU generator, and the device's own when it is a GPU."""
+    target = torch.device(device)
+    if target.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    index = target.index if target.index is not None else torch.cuda.current_device()
+    return torch.random.fork_rng(devices=[index], device_type="cuda")
 
 
 def save(trained: Trained, path: Path, *, extra: Mapping[str, str] | None = None) -> str:
@@ -392,11 +406,9 @@ def save(trained: Trained, path: Path, *, extra: Mapping[str, str] | None = None
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The file's sha256 (service.checkpoints.sha256_of is the same, without torch)."""
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load(path: Path, *, device: str = "cpu") -> Trained:
@@ -410,7 +422,8 @@ def load(path: Path, *, device: str = "cpu") -> Trained:
         raise ValueError(f"{path} is not a genserve checkpoint (format {FORMAT_VERSION})")
     fam = family(metadata["arch"])
     config = fam.config_from_dict(json.loads(metadata["config"]))
-    model = fam.build(config)
+    with _private_rng("cpu"):  # the initial weights, overwritten below, draw from it
+        model = fam.build(config)
     model.load_state_dict(load_file(str(path)))
     return Trained(
         arch=metadata["arch"],

@@ -7,7 +7,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from models import configs
 
 MAX_METADATA_BYTES = 16_384
 T = TypeVar("T")
@@ -380,7 +390,7 @@ class TrainingJobCreate(Strict):
     name: ModelName = Field(description="The model name the trained version registers under")
     arch: Arch
     dataset_file_id: str = Field(min_length=1, max_length=40)
-    # Overrides of the family's config dataclass; checked by the family before training.
+    # Overrides of the family's config dataclass (models/configs.py).
     config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
     seed: int = Field(default=0, ge=0, lt=2**63)
     # The version this one is trained from (lineage), if any.
@@ -391,9 +401,14 @@ class TrainingJobCreate(Strict):
 
     @field_validator("config")
     @classmethod
-    def _small_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _checked_config(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         if len(json.dumps(value)) > MAX_METADATA_BYTES:
             raise ValueError(f"config is larger than {MAX_METADATA_BYTES} bytes")
+        # Each key and value as the family takes it (arch is validated first); what
+        # depends on the data (image sides, table columns) is checked when the job reads
+        # its dataset.
+        if "arch" in info.data:
+            configs.check(info.data["arch"], value)
         return value
 
 

@@ -253,9 +253,15 @@ def test_training_mistakes_are_clear_and_register_nothing(live: Live) -> None:
         refused({**base, "name": "tiny-random-llama"}, 409, "name")
         refused({**base, "name": "Bad Name!"}, 400, "name")
 
-        bad = train(client, **base, config={"hidden_sizes": 3})
+        refused({**base, "config": {"hidden_sizes": 3}}, 400, "config")
+        refused({**base, "config": {"cell": "transformer"}}, 400, "config")
+        refused({**base, "config": {"epochs": 2.5}}, 400, "config")
+
+        # What only the data can tell fails the job, with the reason, and registers nothing.
+        short = upload(client, "short.txt", b"ebb, flow")
+        bad = train(client, **{**base, "dataset_file_id": short["id"]}, config=RNN_CONFIG)
         failed = wait_for_training(client, bad["id"])
-        assert failed["status"] == "failed" and "hidden_sizes" in failed["error"], failed
+        assert failed["status"] == "failed" and "at least 20 characters" in failed["error"], failed
 
         long = train(client, **base, config={**RNN_CONFIG, "epochs": 10_000})
         deadline = time.monotonic() + 120

@@ -17,7 +17,7 @@ TINY = {
     "timesteps": 100,
     "epochs": 3,
     "batch_size": 8,
-    "lr": 5e-3,
+    "learning_rate": 5e-3,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_config_takes_the_image_shape_from_the_data() -> None:
         ({"real_label": 0.2}, "real_label"),
         ({"r1_gamma": -1.0}, "r1_gamma"),
         ({"batch_size": 1}, "batch_size"),
-        ({"lr": "fast"}, "lr"),
+        ({"learning_rate": "fast"}, "learning_rate"),
         ({"width": 8}, "width"),
     ],
 )
@@ -98,7 +99,7 @@ def test_samples_are_uint8_images_of_the_training_shape(trained) -> None:
     result, _ = trained
     sampled = classic.sample(result, {"task": "images", "n": 5}, seed=1)
     assert sampled.images.shape == (5, 8, 8) and sampled.images.dtype == np.uint8
-    assert sampled.meta == {"n": 5}
+    assert sampled.meta == {"n": 5, "candidates": 5}
 
 
 def test_same_seed_same_images_and_different_seeds_differ(trained) -> None:
@@ -108,6 +109,28 @@ def test_same_seed_same_images_and_different_seeds_differ(trained) -> None:
     )
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_sampling_keeps_the_draws_the_discriminator_rates_most_real(trained) -> None:
+    result, _ = trained
+    config = dataclasses.replace(result.config, keep_fraction=0.25)
+    request = {"task": "images", "n": 3}
+    generator = torch.Generator().manual_seed(5)
+    kept = gan.sample(result.model, config, request, device="cpu", generator=generator)
+    assert kept.meta == {"n": 3, "candidates": 12}
+    # The same 12 draws, ranked by the discriminator by hand.
+    latents = torch.randn(12, config.latent_dim, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        draws = result.model.generator(latents)
+        best = result.model.discriminator(draws).topk(3).indices.sort().values
+    assert np.array_equal(kept.images, gan.to_uint8(draws[best]))
+    everything = dataclasses.replace(result.config, keep_fraction=1.0)
+    generator = torch.Generator().manual_seed(5)
+    plain = gan.sample(result.model, everything, request, device="cpu", generator=generator)
+    assert plain.meta == {"n": 3, "candidates": 3}
+    latents = torch.randn(3, config.latent_dim, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert np.array_equal(plain.images, gan.to_uint8(result.model.generator(latents)))
 
 
 def test_training_is_repeatable_with_a_seed() -> None:

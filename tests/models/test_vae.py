@@ -17,7 +17,7 @@ TINY = {
     "prior_components": 1,
     "epochs": 3,
     "batch_size": 8,
-    "lr": 1e-2,
+    "learning_rate": 1e-2,
 }
 
 
