@@ -284,3 +284,29 @@ def test_training_mistakes_are_clear_and_register_nothing(live: Live) -> None:
             response = client.post("/v1/jobs", json=body)
             assert response.status_code in (400, 404), response.text
             assert response.json()["error"]["param"] == param, response.text
+
+
+def test_the_shipped_models_serve_at_once(live: Live) -> None:
+    with live.service.client(live.writer) as client:
+        shipped = {"digits-vae", "digits-gan", "digits-diffusion", "pydoc-char-rnn"}
+        for name in sorted(shipped | {"digits-autoencoder", "diabetes-tabular"}):
+            listed = card(client, f"{name}:1")
+            assert listed is not None, name
+            assert listed["metrics"]["meets_target"] is True, listed
+        diffusion = generate(
+            client,
+            model="digits-diffusion",
+            input={"images": {"n": 2, "steps": 10}},
+            params={"seed": 3},
+        )
+        gan = generate(client, model="digits-gan", input={"images": {"n": 2}})
+        for generation in (diffusion, gan):
+            image = client.get(f"/v1/generations/{generation['id']}/content?index=1")
+            assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        text = generate(
+            client,
+            model="pydoc-char-rnn",
+            input={"prompt": "The "},
+            params={"max_tokens": 30, "seed": 1},
+        )
+        assert len(text["output"]) == 30
