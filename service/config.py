@@ -72,8 +72,10 @@ class Settings(BaseSettings):
     # the wait doubles with each re-publish, up to 32x.
     requeue_after_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
-    # A running job whose worker stopped renewing its lease this long ago is re-run.
-    job_lease_s: float = Field(default=600.0, gt=0)
+    # A running job whose worker stopped renewing its lease this long ago is re-run. Leases
+    # are renewed every 0.5 s from their own thread, so a minute means a dead worker, and
+    # its jobs run again within a minute and a half (the sweep and the requeue delay).
+    job_lease_s: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
 
     # The search index (service/search): written after this many changes (or 5% of it),

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.registry import REGISTRY, ModelSpec
+from service import failpoints
 from service.api.errors import InvalidRequest, NotFound, TooManyRequests
 from service.db import crud
 from service.db.tables import Job
@@ -101,6 +102,7 @@ def store_job(
 
 def publish_job(session: Session, publisher: JobPublisher, job: Job) -> None:
     """Rule 2: publish after the commit; a failed publish leaves the job to the sweeper."""
+    failpoints.reach("submit.before_publish")
     if publisher.publish(job.id, job.queue):
         crud.mark_published(session, job_id=job.id)
         session.commit()

@@ -1,0 +1,51 @@
+"""The production configuration (PostgreSQL + Redis) in real processes, with short
+leases and sweeps so that recoveries happen within a test's patience."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import create_pg_database, drop_pg_database
+from tests.utils.server import RemoteService
+
+
+@dataclass
+class Faulty:
+    service: RemoteService
+    database_url: str
+    redis_url: str
+    key: str
+
+
+@pytest.fixture(scope="module")
+def faulty(
+    tmp_path_factory: pytest.TempPathFactory,
+    model_cache_dir: Path,
+    postgres_available: None,
+    redis_url: str,
+) -> Iterator[Faulty]:
+    data_dir = tmp_path_factory.mktemp("faults")
+    database_url = create_pg_database()
+    env = {
+        "GENSERVE_DATABASE_URL": database_url,
+        "GENSERVE_BROKER_URL": redis_url,
+        "GENSERVE_CHAT_MODELS": "tiny-random-llama",
+        "GENSERVE_MODEL_CACHE_DIR": str(model_cache_dir),
+        "GENSERVE_DEVICE": "cpu",
+        "GENSERVE_BUILTIN_MODELS": "false",
+        # A killed worker's jobs are taken back 3 s after its last lease renewal.
+        "GENSERVE_JOB_LEASE_S": "3",
+        "GENSERVE_SWEEP_INTERVAL_S": "0.5",
+        "GENSERVE_REQUEUE_AFTER_S": "2",
+    }
+    service = RemoteService(data_dir=data_dir, env=env, log_dir=data_dir)
+    try:
+        service.start()
+        yield Faulty(service, database_url, redis_url, service.create_key("acme", "writer"))
+    finally:
+        service.close()
+        drop_pg_database(database_url)

@@ -1,0 +1,92 @@
+"""What became of a set of submitted jobs, read from SQL, and the file the suite's rows
+go to (tests/faults/report.py prints it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+RESULTS = Path(os.environ.get("GENSERVE_FAULTS_RESULTS", "var/faults/results.json"))
+# A chat generation embeds its prompt and its output.
+EMBEDDINGS_PER_GENERATION = 2
+
+
+@dataclass
+class Row:
+    fault: str
+    submitted: int
+    completed: int
+    failed: int
+    lost: int
+    duplicated: int
+
+
+def tally(fault: str, database_url: str, job_ids: list[str]) -> Row:
+    """Count each job once: completed (succeeded with exactly one generation and its
+    embeddings), failed with a reason, or lost (anything else); duplicated counts jobs
+    with more than one generation, or more embeddings than one generation makes."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            params = {"ids": job_ids}
+            jobs = connection.execute(
+                text("SELECT id, status, error FROM jobs WHERE id = ANY(:ids)"), params
+            ).all()
+            generations = dict(
+                connection.execute(
+                    text(
+                        "SELECT job_id, count(*) FROM generations WHERE job_id = ANY(:ids) "
+                        "GROUP BY job_id"
+                    ),
+                    params,
+                ).all()
+            )
+            embeddings = dict(
+                connection.execute(
+                    text(
+                        "SELECT g.job_id, count(*) FROM embeddings e "
+                        "JOIN generations g ON g.id = e.generation_id "
+                        "WHERE g.job_id = ANY(:ids) GROUP BY g.job_id"
+                    ),
+                    params,
+                ).all()
+            )
+    finally:
+        engine.dispose()
+    completed = failed = duplicated = 0
+    for job_id, status, error in jobs:
+        made, vectors = generations.get(job_id, 0), embeddings.get(job_id, 0)
+        if made > 1 or vectors > EMBEDDINGS_PER_GENERATION:
+            duplicated += 1
+        elif status == "succeeded" and made == 1 and vectors == EMBEDDINGS_PER_GENERATION:
+            completed += 1
+        elif status == "failed" and error:
+            failed += 1
+    lost = len(job_ids) - completed - failed - duplicated
+    return Row(fault, len(job_ids), completed, failed, lost, duplicated)
+
+
+def deliveries(database_url: str, job_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Job id -> (attempts, publish_count): how often it was claimed and published."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT id, attempts, publish_count FROM jobs WHERE id = ANY(:ids)"),
+                {"ids": job_ids},
+            ).all()
+    finally:
+        engine.dispose()
+    return {job_id: (attempts, published) for job_id, attempts, published in rows}
+
+
+def record(row: Row) -> None:
+    """Put the fault's row in the results file (replacing an earlier one of that fault)."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    rows = [r for r in rows if r["fault"] != row.fault] + [asdict(row)]
+    RESULTS.write_text(json.dumps(rows, indent=1))

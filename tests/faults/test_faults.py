@@ -1,0 +1,169 @@
+"""Faults injected into real processes; every accepted job completes exactly once.
+
+Each test submits a known set of jobs, injects one fault, waits for every job to end,
+and counts from SQL what became of them (tests/faults/tally.py): submitted = completed +
+failed with a reason, nothing lost, nothing duplicated. Rows go to the results file that
+`python -m tests.faults.report` prints.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import redis
+
+from tests.faults.conftest import Faulty
+from tests.faults.tally import Row, deliveries, record, tally
+from tests.utils.server import TERMINAL, RemoteService, free_port
+
+MODEL = "tiny-random-llama"
+
+
+def body(index: int, fault: str) -> dict:
+    return {
+        "model": MODEL,
+        "input": {"prompt": f"{fault} job {index}: the tide comes in"},
+        "params": {"max_tokens": 200, "temperature": 0.0},
+        "metadata": {"fault": fault},
+    }
+
+
+def submit(client: httpx.Client, count: int, fault: str) -> list[str]:
+    ids = []
+    for index in range(count):
+        response = client.post("/v1/jobs", json=body(index, fault))
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def statuses(client: httpx.Client, ids: list[str]) -> list[str]:
+    return [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def settle(faulty: Faulty, fault: str, ids: list[str], timeout: float = 120) -> Row:
+    """Wait for every job to end, then count and record what became of them."""
+    with faulty.service.client(faulty.key) as client:
+        wait_until(
+            lambda: all(s in TERMINAL for s in statuses(client, ids)),
+            timeout,
+            f"{fault}: jobs still open: {statuses(client, ids)}",
+        )
+    row = tally(fault, faulty.database_url, ids)
+    record(row)
+    return row
+
+
+def test_worker_sigkilled_mid_generation(faulty: Faulty) -> None:
+    with faulty.service.client(faulty.key) as client:
+        ids = submit(client, 12, "worker_sigkill")
+        wait_until(lambda: "running" in statuses(client, ids), 60, "no job started")
+        # SIGKILL: no warm shutdown, no acknowledgement, leases stop being renewed.
+        faulty.service.stop_process("worker", signal.SIGKILL)
+        unfinished = [s for s in statuses(client, ids) if s != "succeeded"]
+    assert "running" in unfinished  # the kill landed mid-generation
+    faulty.service.start_process("worker", "worker")
+    row = settle(faulty, "worker_sigkill", ids)
+    assert row == Row("worker_sigkill", 12, 12, 0, 0, 0), faulty.service.logs("worker")
+    # The jobs the dead worker held were claimed again (attempts counted in SQL).
+    attempts = [claimed for claimed, _ in deliveries(faulty.database_url, ids).values()]
+    assert max(attempts) >= 2
+
+
+def test_broker_restart_forgets_the_queued_messages(faulty: Faulty) -> None:
+    faulty.service.stop_process("worker")
+    with faulty.service.client(faulty.key) as client:
+        ids = submit(client, 12, "broker_restart")
+    # What a Redis without persistence looks like after a restart: no messages, and
+    # every client's connection dropped.
+    broker = redis.Redis.from_url(faulty.redis_url)
+    assert broker.dbsize() > 0  # the messages were there
+    broker.flushdb()
+    broker.client_kill_filter(_type="normal", skipme=True)
+    faulty.service.start_process("worker", "worker")
+    row = settle(faulty, "broker_restart", ids)
+    assert row == Row("broker_restart", 12, 12, 0, 0, 0), faulty.service.logs("worker")
+    # Every job ran from a second publish: the sweeper's, from SQL.
+    assert all(published >= 2 for _, published in deliveries(faulty.database_url, ids).values())
+
+
+def test_api_killed_between_commit_and_publish(faulty: Faulty) -> None:
+    """The client retries with its Idempotency-Key against another API process: it gets
+    the job the dead one committed, and the sweeper publishes it."""
+    ids = []
+    for index in range(3):
+        crashing = start_api(
+            faulty.service, f"api-crash-{index}", failpoints="submit.before_publish"
+        )
+        key = f"crash-{uuid.uuid4()}"
+        payload = body(index, "api_crash")
+        with httpx.Client(base_url=crashing, timeout=30) as client:
+            try:
+                response = client.post(
+                    "/v1/jobs",
+                    json=payload,
+                    headers={"Authorization": f"Bearer {faulty.key}", "Idempotency-Key": key},
+                )
+                raise AssertionError(f"the API answered instead of dying: {response.text}")
+            except httpx.TransportError:
+                pass
+        with faulty.service.client(faulty.key) as client:
+            retried = client.post("/v1/jobs", json=payload, headers={"Idempotency-Key": key})
+            assert retried.status_code == 202, retried.text
+            ids.append(retried.json()["id"])
+    row = settle(faulty, "api_killed_before_publish", ids)
+    assert row == Row("api_killed_before_publish", 3, 3, 0, 0, 0)
+
+
+def test_same_idempotency_key_sent_twice_at_once(faulty: Faulty) -> None:
+    keys = [f"twice-{uuid.uuid4()}" for _ in range(8)]
+
+    def send(index: int) -> str:
+        with faulty.service.client(faulty.key) as client:
+            response = client.post(
+                "/v1/jobs",
+                json=body(index % 8, "duplicate_request"),
+                headers={"Idempotency-Key": keys[index % 8]},
+            )
+            assert response.status_code == 202, response.text
+            return str(response.json()["id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(16)))
+    assert answers[:8] == answers[8:]  # both sends of a key got the same job
+    row = settle(faulty, "duplicate_request", answers[:8])
+    assert row == Row("duplicate_request", 8, 8, 0, 0, 0)
+
+
+def start_api(service: RemoteService, name: str, *, failpoints: str) -> str:
+    """Another API process on the same database and broker, with failpoints armed."""
+    port = free_port()
+    saved = service.env
+    service.env = {**saved, "GENSERVE_FAILPOINTS": failpoints}
+    try:
+        service.start_process(name, "api", "--port", str(port))
+    finally:
+        service.env = saved
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _healthy(url), 60, f"{name} did not start")
+    return url
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
