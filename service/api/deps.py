@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import PermissionDenied, Unauthorized
@@ -19,11 +21,21 @@ from service.search.embedder import LazyEmbedder
 from service.search.index import VectorIndex
 
 ROLE_RANK = {"reader": 0, "writer": 1, "admin": 2}
+logger = logging.getLogger("genserve.api")
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+    session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except SQLAlchemyError as exc:
+            # The connection died after the route was done (its ROLLBACK failed): the
+            # answer stands, the pool discards the connection, and raising here, with the
+            # response already started, would cut the client's keep-alive connection.
+            logger.warning("closing a request's session failed: %s", exc)
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

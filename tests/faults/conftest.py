@@ -8,15 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 from tests.conftest import create_pg_database, drop_pg_database
+from tests.faults.proxy import Proxy
 from tests.utils.server import RemoteService
 
 
 @dataclass
 class Faulty:
     service: RemoteService
-    database_url: str
+    database_url: str  # direct, for counting; the service reaches it through `proxy`
+    proxy: Proxy
     redis_url: str
     key: str
 
@@ -30,8 +33,11 @@ def faulty(
 ) -> Iterator[Faulty]:
     data_dir = tmp_path_factory.mktemp("faults")
     database_url = create_pg_database()
+    url = make_url(database_url)
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    proxy.up()
     env = {
-        "GENSERVE_DATABASE_URL": database_url,
+        "GENSERVE_DATABASE_URL": url.set(port=proxy.port).render_as_string(hide_password=False),
         "GENSERVE_BROKER_URL": redis_url,
         "GENSERVE_CHAT_MODELS": "tiny-random-llama",
         "GENSERVE_MODEL_CACHE_DIR": str(model_cache_dir),
@@ -45,7 +51,9 @@ def faulty(
     service = RemoteService(data_dir=data_dir, env=env, log_dir=data_dir)
     try:
         service.start()
-        yield Faulty(service, database_url, redis_url, service.create_key("acme", "writer"))
+        key = service.create_key("acme", "writer")
+        yield Faulty(service, database_url, proxy, redis_url, key)
     finally:
         service.close()
+        proxy.down()
         drop_pg_database(database_url)

@@ -90,3 +90,18 @@ def record(row: Row) -> None:
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     rows = [r for r in rows if r["fault"] != row.fault] + [asdict(row)]
     RESULTS.write_text(json.dumps(rows, indent=1))
+
+
+def count_jobs(database_url: str, *, fault: str) -> int:
+    """Jobs stored with metadata {"fault": fault}."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return int(
+                connection.execute(
+                    text("SELECT count(*) FROM jobs WHERE metadata ->> 'fault' = :fault"),
+                    {"fault": fault},
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()

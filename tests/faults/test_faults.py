@@ -18,7 +18,7 @@ import httpx
 import redis
 
 from tests.faults.conftest import Faulty
-from tests.faults.tally import Row, deliveries, record, tally
+from tests.faults.tally import Row, count_jobs, deliveries, record, tally
 from tests.utils.server import TERMINAL, RemoteService, free_port
 
 MODEL = "tiny-random-llama"
@@ -126,6 +126,32 @@ def test_api_killed_between_commit_and_publish(faulty: Faulty) -> None:
             ids.append(retried.json()["id"])
     row = settle(faulty, "api_killed_before_publish", ids)
     assert row == Row("api_killed_before_publish", 3, 3, 0, 0, 0)
+
+
+def test_database_unreachable_for_30_s(faulty: Faulty) -> None:
+    """The API refuses what it cannot store (503, Retry-After); workers retry with backoff
+    and finish their jobs when the database returns."""
+    with faulty.service.client(faulty.key) as client:
+        ids = submit(client, 8, "database_outage")
+        wait_until(lambda: "running" in statuses(client, ids), 60, "no job started")
+        faulty.proxy.down()
+        gone = time.monotonic()
+        try:
+            refused = client.post("/v1/jobs", json=body(99, "database_outage"))
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] and refused.json()["error"]["code"] == (
+                "database_unavailable"
+            )
+            assert client.get(f"/v1/jobs/{ids[0]}").status_code == 503
+            time.sleep(max(0.0, 30 - (time.monotonic() - gone)))
+        finally:
+            faulty.proxy.up()
+    row = settle(faulty, "database_outage", ids, timeout=240)
+    assert row == Row("database_outage", 8, 8, 0, 0, 0), faulty.service.logs("worker")
+    # The refused submission left nothing behind, and the worker's stores were retried.
+    assert count_jobs(faulty.database_url, fault="database_outage") == 8
+    worker_log = (faulty.service.log_dir / "worker.log").read_text(errors="replace")
+    assert "retry: Retry in" in worker_log and "OperationalError" in worker_log
 
 
 def test_same_idempotency_key_sent_twice_at_once(faulty: Faulty) -> None:
