@@ -105,3 +105,22 @@ def count_jobs(database_url: str, *, fault: str) -> int:
             )
     finally:
         engine.dispose()
+
+
+def generation_ids(database_url: str, *, tenant: str) -> set[str]:
+    """The tenant's generations that have an output embedding."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT DISTINCT g.id FROM generations g "
+                    "JOIN tenants t ON t.id = g.tenant_id "
+                    "JOIN embeddings e ON e.generation_id = g.id AND e.kind = 'output' "
+                    "WHERE t.name = :tenant"
+                ),
+                {"tenant": tenant},
+            ).all()
+    finally:
+        engine.dispose()
+    return {row[0] for row in rows}

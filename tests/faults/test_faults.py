@@ -8,17 +8,19 @@ failed with a reason, nothing lost, nothing duplicated. Rows go to the results f
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import redis
 
 from tests.faults.conftest import Faulty
-from tests.faults.tally import Row, count_jobs, deliveries, record, tally
+from tests.faults.tally import Row, count_jobs, deliveries, generation_ids, record, tally
 from tests.utils.server import TERMINAL, RemoteService, free_port
 
 MODEL = "tiny-random-llama"
@@ -193,3 +195,40 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_index_file_corrupted(faulty: Faulty) -> None:
+    """A truncated index file is caught by its checksum and rebuilt from SQL; the rebuilt
+    index holds exactly the generations the table holds. (Last: it searches them all.)"""
+    service = faulty.service
+    service.stop_process("api")  # SIGTERM: the index is persisted on the way out
+    manifest_path = next((Path(service.env["GENSERVE_DATA_DIR"]) / "index").glob("*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["count"] > 0
+    for shard in manifest["shards"]:
+        path = manifest_path.parent / shard["file"]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    service.start_process("api", "api", "--port", str(service.port))
+    service.wait_healthy()
+    expected = generation_ids(faulty.database_url, tenant="acme")
+    with service.client(faulty.key) as client:
+
+        def search() -> httpx.Response:
+            query = {"query": "the tide comes in", "mode": "vector", "target": "output", "k": 100}
+            return client.post("/v1/search", json=query)
+
+        wait_until(lambda: search().status_code == 200, 120, "the index was not rebuilt")
+        found = [hit["generation"]["id"] for hit in search().json()["data"]]
+    assert len(expected) < 100  # every generation fits in one page of hits
+    row = Row(
+        "index_corrupted",
+        submitted=len(expected),
+        completed=len(set(found) & expected),
+        failed=0,
+        lost=len(expected - set(found)),
+        duplicated=len(found) - len(set(found)) + len(set(found) - expected),
+    )
+    record(row)
+    assert row == Row("index_corrupted", len(expected), len(expected), 0, 0, 0)
+    api_log = (service.log_dir / "api.log").read_text(errors="replace")
+    assert "checksum does not match the manifest" in api_log  # caught, not just reloaded
