@@ -31,7 +31,7 @@ VAL_SEED = 0
 
 
 def validate(config: DiffusionConfig) -> DiffusionConfig:
-    """Check what the fields allow together (`classic.checked_overrides` bounds each one);
+    """Check what the fields allow together (`configs.check` bounds each one);
     ValueError names the field and what it must be."""
     channels = config.block_channels
     if not isinstance(channels, tuple) or not 1 <= len(channels) <= 4:

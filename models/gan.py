@@ -29,7 +29,7 @@ VAL_SEED = 0
 
 
 def validate(config: GANConfig) -> GANConfig:
-    """Check what the fields allow together (`classic.checked_overrides` bounds each one);
+    """Check what the fields allow together (`configs.check` bounds each one);
     ValueError names the field and what it must be."""
     if not isinstance(config.widths, tuple) or not 1 <= len(config.widths) <= 4:
         raise ValueError(f"gan config widths={config.widths!r} must hold 1 to 4 channel counts")

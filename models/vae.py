@@ -28,7 +28,7 @@ MAX_SIDE = 128
 
 
 def validate(config: VAEConfig) -> VAEConfig:
-    """Check what the fields allow together (`classic.checked_overrides` bounds each one);
+    """Check what the fields allow together (`configs.check` bounds each one);
     ValueError names the field and what it must be."""
     if not isinstance(config.widths, tuple) or not 1 <= len(config.widths) <= 4:
         raise ValueError(f"vae config widths={config.widths!r} must hold 1 to 4 channel counts")

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, text
 
@@ -25,38 +26,38 @@ class Row:
     duplicated: int
 
 
+def _query(database_url: str, sql: str, params: dict[str, Any]) -> list[Any]:
+    """The rows of one statement, on a connection of its own."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(sql), params).all())
+    finally:
+        engine.dispose()
+
+
 def tally(fault: str, database_url: str, job_ids: list[str]) -> Row:
     """Count each job once: completed (succeeded with exactly one generation and its
     embeddings), failed with a reason, or lost (anything else); duplicated counts jobs
     with more than one generation, or more embeddings than one generation makes."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            params = {"ids": job_ids}
-            jobs = connection.execute(
-                text("SELECT id, status, error FROM jobs WHERE id = ANY(:ids)"), params
-            ).all()
-            generations = dict(
-                connection.execute(
-                    text(
-                        "SELECT job_id, count(*) FROM generations WHERE job_id = ANY(:ids) "
-                        "GROUP BY job_id"
-                    ),
-                    params,
-                ).all()
-            )
-            embeddings = dict(
-                connection.execute(
-                    text(
-                        "SELECT g.job_id, count(*) FROM embeddings e "
-                        "JOIN generations g ON g.id = e.generation_id "
-                        "WHERE g.job_id = ANY(:ids) GROUP BY g.job_id"
-                    ),
-                    params,
-                ).all()
-            )
-    finally:
-        engine.dispose()
+    params = {"ids": job_ids}
+    jobs = _query(database_url, "SELECT id, status, error FROM jobs WHERE id = ANY(:ids)", params)
+    generations = dict(
+        _query(
+            database_url,
+            "SELECT job_id, count(*) FROM generations WHERE job_id = ANY(:ids) GROUP BY job_id",
+            params,
+        )
+    )
+    embeddings = dict(
+        _query(
+            database_url,
+            "SELECT g.job_id, count(*) FROM embeddings e "
+            "JOIN generations g ON g.id = e.generation_id "
+            "WHERE g.job_id = ANY(:ids) GROUP BY g.job_id",
+            params,
+        )
+    )
     completed = failed = duplicated = 0
     for job_id, status, error in jobs:
         made, vectors = generations.get(job_id, 0), embeddings.get(job_id, 0)
@@ -72,15 +73,11 @@ def tally(fault: str, database_url: str, job_ids: list[str]) -> Row:
 
 def deliveries(database_url: str, job_ids: list[str]) -> dict[str, tuple[int, int]]:
     """Job id -> (attempts, publish_count): how often it was claimed and published."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(
-                text("SELECT id, attempts, publish_count FROM jobs WHERE id = ANY(:ids)"),
-                {"ids": job_ids},
-            ).all()
-    finally:
-        engine.dispose()
+    rows = _query(
+        database_url,
+        "SELECT id, attempts, publish_count FROM jobs WHERE id = ANY(:ids)",
+        {"ids": job_ids},
+    )
     return {job_id: (attempts, published) for job_id, attempts, published in rows}
 
 
@@ -94,33 +91,18 @@ def record(row: Row) -> None:
 
 def count_jobs(database_url: str, *, fault: str) -> int:
     """Jobs stored with metadata {"fault": fault}."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            return int(
-                connection.execute(
-                    text("SELECT count(*) FROM jobs WHERE metadata ->> 'fault' = :fault"),
-                    {"fault": fault},
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
+    sql = "SELECT count(*) FROM jobs WHERE metadata ->> 'fault' = :fault"
+    return int(_query(database_url, sql, {"fault": fault})[0][0])
 
 
 def generation_ids(database_url: str, *, tenant: str) -> set[str]:
     """The tenant's generations that have an output embedding."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(
-                text(
-                    "SELECT DISTINCT g.id FROM generations g "
-                    "JOIN tenants t ON t.id = g.tenant_id "
-                    "JOIN embeddings e ON e.generation_id = g.id AND e.kind = 'output' "
-                    "WHERE t.name = :tenant"
-                ),
-                {"tenant": tenant},
-            ).all()
-    finally:
-        engine.dispose()
+    rows = _query(
+        database_url,
+        "SELECT DISTINCT g.id FROM generations g "
+        "JOIN tenants t ON t.id = g.tenant_id "
+        "JOIN embeddings e ON e.generation_id = g.id AND e.kind = 'output' "
+        "WHERE t.name = :tenant",
+        {"tenant": tenant},
+    )
     return {row[0] for row in rows}
