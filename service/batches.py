@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import storable
 from service.api.errors import GenserveError, describe_validation_errors
 from service.db import crud
 from service.db.tables import Batch, Job, new_id, utcnow
@@ -265,6 +266,12 @@ def parse_line(
         return None, _line_error(f"the line is not JSON: {exc}", code="invalid_json")
     if not isinstance(line, dict):
         return None, _line_error("the line must be a JSON object", code="invalid_request")
+    unstorable = storable.find_unstorable(line)
+    if unstorable is not None:
+        param, reason = unstorable
+        custom_id = line.get("custom_id")
+        known = custom_id if isinstance(custom_id, str) and param != "custom_id" else None
+        return known, _line_error(f"{param} {reason}", code="invalid_text", param=param)
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 512:
         return None, _line_error(

@@ -201,7 +201,38 @@ def parse_dataset(kind: DataKind, filename: str, data: bytes) -> Data:
     raise ValueError(f"unknown data kind {kind!r}")
 
 
-def _images_from_npz(data: bytes) -> torch.Tensor:
+# Archives are read in memory, never extracted to disk, so their member names cannot
+# point anywhere; what they unpack to is bounded before anything is decompressed (a zip
+# bomb of a few kilobytes can declare gigabytes), as are the pixels of each image.
+MAX_UNPACKED_BYTES = 1 << 30
+MAX_ARCHIVE_MEMBERS = 100_000
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _check_archive(data: bytes, max_unpacked_bytes: int, *, kind: str) -> None:
+    """ValueError unless the zip (or .npz) unpacks to at most max_unpacked_bytes.
+
+    The sizes checked are the ones the archive declares; zipfile stops every member at
+    its declared size, so a member that lies about it cannot unpack to more.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"not a readable {kind} file: {exc}") from exc
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise ValueError(
+            f"the archive holds {len(members)} files; the limit is {MAX_ARCHIVE_MEMBERS}"
+        )
+    unpacked = sum(member.file_size for member in members)
+    if unpacked > max_unpacked_bytes:
+        raise ValueError(
+            f"the archive unpacks to {unpacked} bytes; the limit is {max_unpacked_bytes}"
+        )
+
+
+def _images_from_npz(data: bytes, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> torch.Tensor:
+    _check_archive(data, max_unpacked_bytes, kind=".npz")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             names = list(archive.files)
@@ -215,9 +246,10 @@ def _images_from_npz(data: bytes) -> torch.Tensor:
     return _to_image_tensor(array)
 
 
-def _images_from_zip(data: bytes) -> torch.Tensor:
+def _images_from_zip(data: bytes, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
+    _check_archive(data, max_unpacked_bytes, kind=".zip")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
@@ -229,6 +261,12 @@ def _images_from_zip(data: bytes) -> torch.Tensor:
     for name in names:
         try:
             with Image.open(io.BytesIO(archive.read(name))) as image:
+                # The header is read, the pixels not yet: refuse a decompression bomb here.
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(
+                        f"{name!r} is {image.width}x{image.height} pixels; the limit is "
+                        f"{MAX_IMAGE_PIXELS} pixels an image"
+                    )
                 arrays.append(
                     np.asarray(
                         image.convert("L" if image.mode in ("L", "1", "P", "I;16") else "RGB")

@@ -1,20 +1,25 @@
-"""ASGI middleware: request ids and a bound on request bodies."""
+"""ASGI middleware: request ids, a bound on request bodies, and storable text."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections.abc import Mapping
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import storable
+
 
 class RequestLimits:
-    """Gives each request an id (X-Request-ID) and answers 413 to bodies above their bound.
+    """Gives each request an id (X-Request-ID) and refuses what no route could take.
 
-    Bodies are read whole, up to max_bytes, before the app sees them; POSTs to a path of
-    stream_paths (uploads) pass through as they arrive instead, counted against that
-    path's own bound.
+    Bodies are read whole, up to max_bytes, before the app sees them, and 413 answers
+    those above it; POSTs to a path of stream_paths (uploads) pass through as they
+    arrive instead, counted against that path's own bound. A path, query parameter or
+    JSON body with text SQL cannot store (a NUL character, an unpaired surrogate) gets
+    400 naming where it is, so no route fails on it later.
     """
 
     def __init__(
@@ -37,6 +42,10 @@ class RequestLimits:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
+        unstorable = _unstorable_url(scope)
+        if unstorable is not None:
+            await _refuse_text(send_with_id, *unstorable)
+            return
         stream_bound = self.stream_paths.get(scope["path"]) if scope["method"] == "POST" else None
         limit = self.max_bytes if stream_bound is None else stream_bound
         headers = dict(scope.get("headers", []))
@@ -66,6 +75,10 @@ class RequestLimits:
                 return
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        unstorable = _unstorable_body(body)
+        if unstorable is not None:
+            await _refuse_text(send, *unstorable)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -109,24 +122,60 @@ class RequestLimits:
         await self.app(scope, counted, send_unless_answered)
 
     async def _too_large(self, send: Send, limit: int) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"request body is larger than {limit} bytes",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "payload_too_large",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+        await _error(
+            send, 413, f"request body is larger than {limit} bytes", code="payload_too_large"
         )
-        await send({"type": "http.response.body", "body": body})
+
+
+def _unstorable_url(scope: Scope) -> tuple[str, str] | None:
+    reason = storable.problem(scope["path"])
+    if reason is not None:
+        return "path", reason
+    query = scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        reason = storable.problem(name) or storable.problem(value)
+        if reason is not None:
+            return name.encode("unicode_escape").decode("ascii"), reason
+    return None
+
+
+def _unstorable_body(body: bytes) -> tuple[str, str] | None:
+    # Only an escape can put either into valid JSON (raw control characters and invalid
+    # UTF-8 are not JSON at all), so most bodies are passed by one scan of their bytes.
+    if storable.SUSPECT_ESCAPE.search(body) is None:
+        return None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route answers that
+    return storable.find_unstorable(document)
+
+
+async def _refuse_text(send: Send, param: str, reason: str) -> None:
+    await _error(send, 400, f"{param or 'body'} {reason}", code="invalid_text", param=param)
+
+
+async def _error(
+    send: Send, status: int, message: str, *, code: str, param: str | None = None
+) -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": param or None,
+                "code": code,
+            }
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,19 +31,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _no_nul(value: str) -> str:
-    # PostgreSQL text and JSONB cannot hold U+0000; refuse it here rather than fail later.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL (U+0000) characters")
-    return value
-
-
-Text = Annotated[str, AfterValidator(_no_nul)]
-
-
 class ChatMessage(Strict):
     role: Role
-    content: Text = Field(min_length=1)
+    content: str = Field(min_length=1)
 
 
 class Interpolation(Strict):
@@ -88,7 +77,7 @@ class JobInput(Strict):
     """Exactly one of: a prompt, chat messages (language models; a character-level RNN
     takes a prompt as its prefix), images, rows or anomaly (the trained families)."""
 
-    prompt: Text | None = None
+    prompt: str | None = None
     messages: list[ChatMessage] | None = None
     # A raw prompt goes to the model as is; otherwise it is one user turn of a chat.
     raw: bool = False
@@ -129,7 +118,7 @@ class SamplingParams(Strict):
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: list[Text] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     # Character-level RNN models only: sample among the k likeliest characters.
     top_k: int | None = Field(default=None, ge=1, le=1000)
 
@@ -148,8 +137,6 @@ class SamplingParams(Strict):
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     encoded = json.dumps(value)
-    if "\\u0000" in encoded:
-        raise ValueError("metadata must not contain NUL (U+0000) characters")
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
     tags = value.get("tags")
@@ -327,7 +314,7 @@ MAX_SEARCH_DEPTH = 1000  # a cursor pages through at most this many results
 
 
 class SearchRequest(Strict):
-    query: Text = Field(min_length=1, max_length=8192)
+    query: str = Field(min_length=1, max_length=8192)
     mode: SearchMode = "hybrid"
     k: int = Field(default=10, ge=1, le=100)
     target: Target = "both"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from models.registry import ModelSpec
 from service.api.errors import InvalidRequest
-from service.api.schemas import MAX_STOP_SEQUENCES, Strict, Text
+from service.api.schemas import MAX_STOP_SEQUENCES, Strict
 from service.submit import JobRequest, resolve_max_tokens
 
 # OpenAI's limits on stored metadata: 16 pairs, keys up to 64 and values up to 512 chars.
@@ -37,8 +37,6 @@ def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     for key, item in value.items():
         if len(key) > 64 or len(item) > 512:
             raise ValueError(f"keys are at most 64 and values 512 characters (key {key[:70]!r})")
-        if "\x00" in key or "\x00" in item:
-            raise ValueError("must not contain NUL (U+0000) characters")
     return value
 
 
@@ -48,12 +46,12 @@ class StreamOptions(Strict):
 
 class ContentPart(BaseModel):
     type: str
-    text: Text | None = None
+    text: str | None = None
 
 
 class ChatCompletionMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = Field(default=None, max_length=64)
     # Present on assistant turns of tool-using clients; refused below when not empty.
     tool_calls: list[dict[str, Any]] | None = None
@@ -99,7 +97,7 @@ class _SamplingRequest(Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: Text | list[Text] | None = None
+    stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=1, ge=1, le=128)
@@ -253,7 +251,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Text | list[Text] = Field(min_length=1)
+    prompt: str | list[str] = Field(min_length=1)
     max_tokens: int | None = Field(default=COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1)
     echo: bool | None = False
     logprobs: int | None = None
@@ -308,7 +306,7 @@ class CompletionRequest(_SamplingRequest):
 
 class EmbeddingRequest(Strict):
     model: str = Field(min_length=1, max_length=128)
-    input: Text | list[Text] = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = Field(default=None, max_length=256)

@@ -91,4 +91,4 @@ def test_nul_characters_are_refused(live: Live) -> None:
         prompt = client.post("/v1/jobs", json={**GOOD, "input": {"prompt": "a\u0000b"}})
         metadata = client.post("/v1/jobs", json={**GOOD, "metadata": {"k": "a\u0000b"}})
     assert error_of(prompt, 400)["param"].startswith("input")
-    assert error_of(metadata, 400)["param"] == "metadata"
+    assert error_of(metadata, 400)["param"] == "metadata.k"

@@ -106,6 +106,22 @@ def test_bad_image_datasets_say_what_is_wrong(filename: str, data: bytes, messag
         classic.parse_dataset("images", filename, data)
 
 
+def test_zip_bombs_are_refused_before_they_unpack() -> None:
+    # 8 MB of zeros in a 8 kB archive, against a 4 MB bound; then the same as an .npz.
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a.png", bytes(8 << 20))
+    assert len(bomb.getvalue()) < 64 << 10
+    with pytest.raises(ValueError, match="unpacks to 8388608 bytes; the limit is 4194304"):
+        classic._images_from_zip(bomb.getvalue(), max_unpacked_bytes=4 << 20)
+    with pytest.raises(ValueError, match="unpacks to"):
+        classic._images_from_npz(bomb.getvalue(), max_unpacked_bytes=4 << 20)
+    # A PNG whose header declares more pixels than the bound is refused before decoding.
+    huge = _png(np.zeros((5000, 5000), np.uint8))
+    with pytest.raises(ValueError, match="5000x5000 pixels"):
+        classic.parse_dataset("images", "d.zip", _zip({"a.png": huge, "b.png": huge}))
+
+
 def test_tables_and_text() -> None:
     csv = "a,b\n" + "".join(f"{i},x{i % 2}\n" for i in range(12))
     table = classic.parse_dataset("table", "t.csv", csv.encode())

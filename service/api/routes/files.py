@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from service import files
-from service.api.deps import CallerDep, SessionDep, WriterDep
+from service import files, storable
+from service.api.deps import CallerDep, SessionDep, WriterDep, audit
 from service.api.errors import ERROR_RESPONSES, InvalidRequest, NotFound, PayloadTooLarge
 from service.db.tables import File
 from service.files import CHUNK_BYTES, FileLimits, FileWriter
@@ -33,12 +34,16 @@ FileLimitsDep = Annotated[FileLimits, Depends(get_file_limits)]
 
 
 def _filename(upload: UploadFile) -> str:
-    name = upload.filename or "upload.jsonl"
-    if len(name) > MAX_FILENAME_CHARS or "\x00" in name:
+    # Only the last component is kept: a name such as "../../etc/passwd" must never
+    # come back in a Content-Disposition as a path for a client to write to.
+    name = PurePosixPath((upload.filename or "").replace("\\", "/")).name or "upload.jsonl"
+    if len(name) > MAX_FILENAME_CHARS:
         raise InvalidRequest(
-            f"the filename must be at most {MAX_FILENAME_CHARS} characters, without NUL",
-            param="file",
+            f"the filename must be at most {MAX_FILENAME_CHARS} characters", param="file"
         )
+    reason = storable.problem(name)
+    if reason is not None:
+        raise InvalidRequest(f"the filename {reason}", param="file", code="invalid_text")
     return name
 
 
@@ -154,5 +159,6 @@ def delete_file(file_id: str, caller: WriterDep, session: SessionDep) -> FileDel
     """Delete a file and its bytes."""
     row = _get_file(session, caller.tenant_id, file_id)
     files.delete_file(session, file=row)
+    audit(session, caller, "file.delete", row.id, filename=row.filename)
     session.commit()
     return FileDeleted(id=file_id)
