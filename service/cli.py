@@ -1,4 +1,4 @@
-"""The `genserve` command: serve, api, worker, migrate, keys."""
+"""The `genserve` command: serve, api, worker, migrate, keys, tenants."""
 
 from __future__ import annotations
 
@@ -8,15 +8,25 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from service.config import QUEUES, Settings, get_settings
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from service.db.tables import Tenant
+
 app = typer.Typer(help="genserve: a self-hosted generation service.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+tenants_app = typer.Typer(help="Tenants: limits, settings, deletion.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
 
 ROLES = ("admin", "writer", "reader")
 ADMIN_KEY_FILE = "admin-key.txt"
@@ -53,23 +63,58 @@ def migrate() -> None:
     typer.echo(f"database is up to date: {settings.sqlalchemy_url.split('@')[-1]}")
 
 
-def _create_key(
-    settings: Settings, tenant: str, role: str, name: str, *, only_if_none: bool = False
-) -> str | None:
-    """Create a key and return its plaintext; with only_if_none, only when no key exists."""
-    from service.db import crud
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    """A session on the configured database, for one command."""
     from service.db.session import make_engine, make_sessionmaker
 
     engine = make_engine(settings.sqlalchemy_url)
     try:
         with make_sessionmaker(engine)() as session:
-            if only_if_none and crud.count_api_keys(session):
-                return None
-            _, plaintext = crud.create_api_key(session, tenant_name=tenant, role=role, name=name)
-            session.commit()
-            return plaintext
+            yield session
     finally:
         engine.dispose()
+
+
+def _create_key(
+    settings: Settings,
+    tenant: str,
+    role: str,
+    name: str,
+    *,
+    only_if_none: bool = False,
+    expires_at: datetime | None = None,
+    rate_limit: int | None = None,
+) -> str | None:
+    """Create a key and return its plaintext; with only_if_none, only when no key exists."""
+    from service.db import tenants
+
+    with _session(settings) as session:
+        if only_if_none and tenants.count_api_keys(session):
+            return None
+        row, plaintext = tenants.create_api_key(
+            session,
+            tenant_name=tenant,
+            role=role,
+            name=name,
+            expires_at=expires_at,
+            rate_limit_per_minute=rate_limit,
+        )
+        tenants.audit(
+            session,
+            tenant_id=row.tenant_id,
+            actor=tenants.CLI_ACTOR,
+            action="key.create",
+            target=f"key:{row.id}",
+            detail={"role": role, "name": name},
+        )
+        session.commit()
+        return plaintext
+
+
+def _check_tenant_name(tenant: str) -> None:
+    if not tenant.strip() or len(tenant) > 64:
+        raise typer.BadParameter("tenant must be 1 to 64 characters")
 
 
 @keys_app.command("create")
@@ -77,16 +122,166 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name; created if new.")],
     role: Annotated[str, typer.Option(help="admin, writer or reader.")] = "writer",
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    expires_days: Annotated[
+        float | None, typer.Option(min=0.001, help="Expire this many days from now.")
+    ] = None,
+    rate_limit: Annotated[
+        int | None, typer.Option(min=1, help="Requests a minute (at most the tenant's).")
+    ] = None,
 ) -> None:
     """Create an API key; the key is the last word of the last line."""
     if role not in ROLES:
         raise typer.BadParameter(f"{role!r} is not a role; choose one of {list(ROLES)}")
-    if not tenant.strip() or len(tenant) > 64:
-        raise typer.BadParameter("tenant must be 1 to 64 characters")
-    plaintext = _create_key(get_settings(), tenant, role, name)
+    _check_tenant_name(tenant)
+    expires_at = None if expires_days is None else datetime.now(UTC) + timedelta(days=expires_days)
+    plaintext = _create_key(
+        get_settings(), tenant, role, name, expires_at=expires_at, rate_limit=rate_limit
+    )
     assert plaintext is not None
     typer.echo(f"created a {role} key for tenant {tenant!r}; it is shown once:")
     typer.echo(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str, typer.Option(help="Tenant name.")]) -> None:
+    """List a tenant's keys (never the keys themselves)."""
+    from service.db import tenants
+
+    with _session(get_settings()) as session:
+        row = tenants.get_tenant(session, name=tenant)
+        if row is None:
+            raise typer.BadParameter(f"no tenant {tenant!r}")
+        for key in tenants.list_api_keys(session, tenant_id=row.id):
+            state = "revoked" if key.revoked_at else "expires " + str(key.expires_at or "never")
+            typer.echo(f"{key.id}\t{key.prefix}…\t{key.role}\t{state}\t{key.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    tenant: Annotated[str, typer.Option(help="Tenant name.")],
+    key_id: Annotated[int, typer.Argument(help="The key's id (keys list).")],
+) -> None:
+    """Revoke a key; it is refused from the next request on."""
+    from service.db import tenants
+
+    with _session(get_settings()) as session:
+        row = tenants.get_tenant(session, name=tenant)
+        key = (
+            None if row is None else tenants.find_api_key(session, tenant_id=row.id, key_id=key_id)
+        )
+        if row is None or key is None:
+            raise typer.BadParameter(f"no key {key_id} of tenant {tenant!r}")
+        tenants.revoke_api_key(session, key=key)
+        tenants.audit(
+            session,
+            tenant_id=row.id,
+            actor=tenants.CLI_ACTOR,
+            action="key.revoke",
+            target=f"key:{key.id}",
+            detail={"role": key.role, "name": key.name},
+        )
+        session.commit()
+    typer.echo(f"revoked key {key_id} of tenant {tenant!r}")
+
+
+TENANT_LIMITS = ("rate_limit_per_minute", "requests_per_day", "tokens_per_day")
+
+
+@tenants_app.command("set")
+def tenants_set(
+    tenant: Annotated[str, typer.Argument(help="Tenant name; created if new.")],
+    redact_pii: Annotated[
+        bool | None, typer.Option(help="Redact PII from prompts and outputs.")
+    ] = None,
+    rate_limit: Annotated[
+        int | None, typer.Option(min=0, help="Requests a minute per key; 0 removes it.")
+    ] = None,
+    requests_per_day: Annotated[
+        int | None, typer.Option(min=0, help="Requests a UTC day; 0 removes the quota.")
+    ] = None,
+    tokens_per_day: Annotated[
+        int | None, typer.Option(min=0, help="Tokens a UTC day; 0 removes the quota.")
+    ] = None,
+) -> None:
+    """Set a tenant's limits and settings; what is not given stays as it is."""
+    from service.db import tenants
+
+    _check_tenant_name(tenant)
+    given: dict[str, Any] = {} if redact_pii is None else {"redact_pii": redact_pii}
+    limits = (rate_limit, requests_per_day, tokens_per_day)
+    for name, value in zip(TENANT_LIMITS, limits, strict=True):
+        if value is not None:
+            given[name] = value or None
+    with _session(get_settings()) as session:
+        row = tenants.ensure_tenant(session, name=tenant)
+        changes = {
+            name: {"from": getattr(row, name), "to": value}
+            for name, value in given.items()
+            if getattr(row, name) != value
+        }
+        for name, change in changes.items():
+            setattr(row, name, change["to"])
+        if changes:
+            tenants.audit(
+                session,
+                tenant_id=row.id,
+                actor=tenants.CLI_ACTOR,
+                action="tenant.update",
+                target=f"tenant:{tenant}",
+                detail=changes,
+            )
+        session.commit()
+        typer.echo(_describe_tenant(row))
+
+
+def _describe_tenant(row: Tenant) -> str:
+    return f"tenant {row.name!r}: redact_pii={row.redact_pii} " + " ".join(
+        f"{name}={getattr(row, name)}" for name in TENANT_LIMITS
+    )
+
+
+@tenants_app.command("show")
+def tenants_show(tenant: Annotated[str, typer.Argument(help="Tenant name.")]) -> None:
+    """A tenant's limits, settings and usage of the day."""
+    from service.db import tenants
+
+    with _session(get_settings()) as session:
+        row = tenants.get_tenant(session, name=tenant)
+        if row is None:
+            raise typer.BadParameter(f"no tenant {tenant!r}")
+        used = tenants.usage_of_day(session, tenant_id=row.id)
+        typer.echo(_describe_tenant(row))
+        typer.echo(
+            f"today ({used.day}): {used.requests} requests, "
+            f"{used.prompt_tokens} prompt and {used.completion_tokens} completion tokens"
+        )
+
+
+@tenants_app.command("delete")
+def tenants_delete(
+    tenant: Annotated[str, typer.Argument(help="Tenant name.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm: this cannot be undone.")] = False,
+) -> None:
+    """Delete a tenant with its keys, jobs, generations, files, models and vectors."""
+    from service.db import tenants
+
+    if not yes:
+        raise typer.BadParameter("deleting a tenant cannot be undone; pass --yes")
+    with _session(get_settings()) as session:
+        row = tenants.get_tenant(session, name=tenant)
+        if row is None:
+            raise typer.BadParameter(f"no tenant {tenant!r}")
+        vectors = tenants.delete_tenant(session, tenant=row)
+        tenants.audit(
+            session,
+            tenant_id=row.id,
+            actor=tenants.CLI_ACTOR,
+            action="tenant.delete",
+            target=f"tenant:{tenant}",
+            detail={"vectors": vectors},
+        )
+        session.commit()
+    typer.echo(f"deleted tenant {tenant!r} and {vectors} vectors")
 
 
 @app.command()

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_batch_lines: int = Field(default=50_000, ge=1)
     # Jobs a tenant may have queued at once; past it, submissions get 429.
     max_queued_jobs_per_tenant: int = Field(default=100_000, ge=1)
+    # Requests a minute per API key, unless the key or its tenant sets a stricter one
+    # (`genserve keys create --rate-limit`, `genserve tenants set`); 0 is no limit.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
 
     chat_models: Annotated[list[str], NoDecode] = ["smollm2-135m-instruct"]
     embedding_model: str = "all-minilm-l6-v2"

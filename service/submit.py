@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,9 +13,10 @@ from sqlalchemy.orm import Session
 from models.registry import REGISTRY, ModelSpec
 from service import failpoints
 from service.api.errors import InvalidRequest, NotFound, TooManyRequests
-from service.db import crud
-from service.db.tables import Job
+from service.db import crud, tenants
+from service.db.tables import Job, Tenant, utcnow
 from service.queue import JobPublisher
+from service.redact import redact_value
 
 
 def served_model(name: str, served: tuple[str, ...], *, task: str) -> ModelSpec:
@@ -38,6 +41,35 @@ def resolve_max_tokens(spec: ModelSpec, requested: int | None, *, param: str) ->
             code="max_tokens_too_large",
         )
     return max_tokens
+
+
+def admit(session: Session, *, tenant_id: int, max_queued: int) -> None:
+    """429 with Retry-After unless the tenant has room for one more job: fewer than
+    max_queued waiting (the queue's bound) and its quotas of the day not used up."""
+    check_queue_room(session, tenant_id=tenant_id, limit=max_queued)
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None or not (tenant.requests_per_day or tenant.tokens_per_day):
+        return
+    used = tenants.usage_of_day(session, tenant_id=tenant_id)
+    tokens = used.tokens
+    now = utcnow()
+    until_midnight = math.ceil(
+        (datetime.combine(now.date() + timedelta(days=1), time(), UTC) - now).total_seconds()
+    )
+    if tenant.requests_per_day and used.requests >= tenant.requests_per_day:
+        raise TooManyRequests(
+            f"this tenant has made its {tenant.requests_per_day} requests of the day "
+            "(UTC); the quota renews at midnight UTC",
+            code="quota_exceeded",
+            retry_after=until_midnight,
+        )
+    if tenant.tokens_per_day and tokens >= tenant.tokens_per_day:
+        raise TooManyRequests(
+            f"this tenant has used {tokens} of its {tenant.tokens_per_day} tokens of the "
+            "day (UTC); the quota renews at midnight UTC",
+            code="quota_exceeded",
+            retry_after=until_midnight,
+        )
 
 
 def check_queue_room(session: Session, *, tenant_id: int, limit: int) -> None:
@@ -80,7 +112,11 @@ def store_job(
     batch_id: str | None = None,
     custom_id: str | None = None,
 ) -> Job:
-    """Write the job row (flushed, not committed); a batch's line names its batch."""
+    """Write the job row (flushed, not committed) and count it in the tenant's usage; a
+    batch's line names its batch."""
+    tenants.count_usage(session, tenant_id=tenant_id, requests=1)
+    if tenants.redacts_pii(session, tenant_id=tenant_id):
+        request = replace(request, input=redact_value(request.input)[0])
     return crud.create_job(
         session,
         tenant_id=tenant_id,

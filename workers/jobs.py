@@ -16,13 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.backends.causal_lm import CausalLM
 from models.backends.decoding import GenerationOutput, SamplingParams
 from models.registry import REGISTRY, get_spec
-from service.db import crud
+from service.db import crud, tenants
 from service.db.tables import Generation, Job, new_id
 from service.events import EventSink
 from workers import sampling
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
+from workers.privacy import redact_generation
 from workers.streaming import TokenPublisher, storable
 
 logger = logging.getLogger("genserve.worker")
@@ -139,6 +140,7 @@ def _generate(
     """
     with factory() as session:
         history = crud.ancestors(session, generation_id=job.parent_generation_id)
+        redacts = tenants.redacts_pii(session, tenant_id=job.tenant_id)
     model = runtime.chat_model(job.model)
     params = job.params
     started = time.perf_counter()
@@ -169,6 +171,8 @@ def _generate(
             session.commit()
         return Outcome("cancelled")
     generation = _generation_row(job, out, model, generate_s)
+    if redacts:
+        redact_generation(generation)
     vectors = _embed(
         runtime, embedding_model, {"prompt": generation.prompt, "output": generation.output}
     )

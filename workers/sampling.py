@@ -16,9 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.backends import classic
 from models.registry import get_spec
 from service import checkpoints, files
-from service.db import crud, training
+from service.db import crud, tenants, training
 from service.db.tables import Generation, Job, new_id
 from workers.engine.runtime import ModelRuntime
+from workers.privacy import redact_generation
 
 
 def describe(job: Job) -> str:
@@ -118,6 +119,7 @@ def run_trained_job(
             return _fail(session, job, f"input.anomaly: {exc}")
         path = checkpoints.resolve(row.artifact_path, artifacts_dir)
         sha256, model_version = row.artifact_sha256, str(row.version)
+        redacts = tenants.redacts_pii(session, tenant_id=job.tenant_id)
     trained = runtime.trained_model(path, sha256)
     started = time.perf_counter()
     try:
@@ -150,6 +152,8 @@ def run_trained_job(
             "device": runtime.device,
         },
     )
+    if redacts:
+        redact_generation(generation)
     vectors = embed({"prompt": generation.prompt, "output": generation.output})
     with factory() as session:
         stored = crud.store_generation(

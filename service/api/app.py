@@ -13,6 +13,7 @@ from service.api.deps import ApiLimits
 from service.api.errors import register_error_handlers
 from service.api.middleware import RequestLimits
 from service.api.routes import (
+    admin,
     batches,
     chat,
     completions,
@@ -30,6 +31,7 @@ from service.db.session import make_engine, make_sessionmaker
 from service.events import make_source
 from service.files import FileLimits
 from service.queue import JobPublisher, make_celery, prepare_embedded_broker
+from service.ratelimit import make_rate_limiter
 from service.search.embedder import LazyEmbedder
 from service.search.index import VectorIndex
 from service.search.shards import ShardPolicy
@@ -78,6 +80,8 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
         )
         app.state.served_models = tuple(settings.chat_models)
         app.state.events = make_source(settings.events_backend_url)
+        app.state.rate_limiter = make_rate_limiter(settings.events_backend_url)
+        app.state.default_rate_limit = settings.rate_limit_per_minute
         app.state.limits = ApiLimits(max_queued_jobs_per_tenant=settings.max_queued_jobs_per_tenant)
         app.state.file_limits = FileLimits(
             max_bytes=settings.max_file_bytes, max_lines=settings.max_batch_lines
@@ -87,6 +91,7 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             yield
         finally:
             sweeper.stop()
+            app.state.rate_limiter.close()
             await app.state.events.close()
             index.close()
             publisher.close()
@@ -120,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         training,
         chat,
         completions,
+        admin,
     )
     for module in (*routers, files, batches):
         app.include_router(module.router)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.errors import PermissionDenied, Unauthorized
-from service.db import crud
+from service.api.errors import PermissionDenied, TooManyRequests, Unauthorized
+from service.db import tenants
 from service.events import EventSource
 from service.openai_compat.serving import Serving
 from service.queue import JobPublisher
+from service.ratelimit import effective_rate
 from service.search.embedder import LazyEmbedder
 from service.search.index import VectorIndex
 
@@ -49,18 +51,46 @@ class Caller:
     tenant_id: int
     tenant: str
     role: str
+    # The tenant's setting: prompts and outputs are redacted before they are stored.
+    redact_pii: bool = False
+    request_id: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        return f"key:{self.key_id}"
 
 
 def get_caller(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Caller:
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    key = crud.get_api_key(session, plaintext=credentials.credentials)
+    key = tenants.get_api_key(session, plaintext=credentials.credentials)
     if key is None:
-        raise Unauthorized("invalid or revoked API key")
-    caller = Caller(key_id=key.id, tenant_id=key.tenant_id, tenant=key.tenant.name, role=key.role)
+        raise Unauthorized("invalid, revoked or expired API key")
+    rate = effective_rate(
+        key.rate_limit_per_minute,
+        key.tenant.rate_limit_per_minute,
+        request.app.state.default_rate_limit,
+    )
+    if rate is not None:
+        wait_s = request.app.state.rate_limiter.acquire(f"key:{key.id}", rate)
+        if wait_s > 0:
+            raise TooManyRequests(
+                f"this key may send {rate} requests a minute; retry in {wait_s:.1f} s",
+                retry_after=math.ceil(wait_s),
+            )
+    caller = Caller(
+        key_id=key.id,
+        tenant_id=key.tenant_id,
+        tenant=key.tenant.name,
+        role=key.role,
+        redact_pii=key.tenant.redact_pii,
+        request_id=getattr(request.state, "request_id", None),
+    )
     # Give the connection back now: the session lives as long as the response, and a
     # streamed response may last minutes. A route that uses the session begins anew.
     session.close()
@@ -80,6 +110,22 @@ def _require(role: str):  # noqa: ANN202 - a dependency factory
 
 
 WriterDep = Annotated[Caller, Depends(_require("writer"))]
+AdminDep = Annotated[Caller, Depends(_require("admin"))]
+
+
+def audit(session: Session, caller: Caller, action: str, target: str, **detail: Any) -> None:
+    """Log a change the caller makes, in the session's transaction (it commits with it)."""
+    tenants.audit(
+        session,
+        tenant_id=caller.tenant_id,
+        actor=caller.actor,
+        actor_key_id=caller.key_id,
+        actor_role=caller.role,
+        action=action,
+        target=target,
+        detail=detail or None,
+        request_id=caller.request_id,
+    )
 
 
 @dataclass(frozen=True)

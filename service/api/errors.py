@@ -31,12 +31,21 @@ class GenserveError(Exception):
     type = "invalid_request_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        # Seconds, sent as Retry-After with a 429 or a 503 (5 when not given).
+        self.retry_after = retry_after
 
 
 class InvalidRequest(GenserveError):
@@ -110,7 +119,9 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
 
 async def _genserve_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GenserveError)
-    headers = {"Retry-After": "5"} if exc.status_code in (429, 503) else None
+    headers = None
+    if exc.status_code in (429, 503):
+        headers = {"Retry-After": str(max(1, exc.retry_after or 5))}
     return error_json(
         exc.status_code,
         exc.message,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import secrets
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -15,8 +13,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import type_coerce
 
+from service.db import tenants
 from service.db.tables import (
-    ApiKey,
     Batch,
     Conversation,
     Embedding,
@@ -24,13 +22,11 @@ from service.db.tables import (
     File,
     Generation,
     Job,
-    Tenant,
     TrainingJob,
     new_id,
     utcnow,
 )
 
-KEY_PREFIX = "gsk_"
 R = TypeVar("R", Job, Generation, File, Batch, TrainingJob)
 Q = TypeVar("Q", Job, TrainingJob)  # the two kinds of job a worker claims
 
@@ -56,51 +52,6 @@ class Filters:
             for spec in dataclasses.fields(self)
             if spec.name != "status"
         )
-
-
-# --- tenants and keys ------------------------------------------------------------------
-
-
-def hash_key(key: str) -> str:
-    # Keys are 256 random bits, so a fast hash is enough; no salt or KDF is needed.
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def ensure_tenant(session: Session, *, name: str) -> Tenant:
-    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
-    if tenant is None:
-        tenant = Tenant(name=name)
-        session.add(tenant)
-        session.flush()
-    return tenant
-
-
-def create_api_key(
-    session: Session, *, tenant_name: str, role: str, name: str = ""
-) -> tuple[ApiKey, str]:
-    """Create a key; returns the row and the plaintext key, which is never stored."""
-    tenant = ensure_tenant(session, name=tenant_name)
-    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(
-        tenant_id=tenant.id,
-        role=role,
-        name=name,
-        prefix=plaintext[:12],
-        key_hash=hash_key(plaintext),
-    )
-    session.add(row)
-    session.flush()
-    return row, plaintext
-
-
-def get_api_key(session: Session, *, plaintext: str) -> ApiKey | None:
-    return session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
-    )
-
-
-def count_api_keys(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(ApiKey)) or 0
 
 
 # --- filters -----------------------------------------------------------------------------
@@ -606,6 +557,12 @@ def store_generation(
         return False
     session.add(generation)
     session.flush()
+    tenants.count_usage(
+        session,
+        tenant_id=job.tenant_id,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+    )
     session.add_all(
         Embedding(
             tenant_id=job.tenant_id,

@@ -21,6 +21,8 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # Deleted text is overwritten, not left in free pages of the file (rule: forgotten).
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

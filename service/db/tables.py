@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -88,6 +89,13 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Prompts and outputs are redacted (service/redact.py) before they are stored.
+    redact_pii: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # Limits set by the operator (`genserve tenants set`); NULL is the server's default
+    # for the rate and no quota for the day.
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    requests_per_day: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -102,8 +110,50 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+    expires_at: Mapped[datetime | None] = mapped_column()
+    # At most the tenant's rate; NULL takes the tenant's.
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
 
     tenant: Mapped[Tenant] = relationship(lazy="joined")
+
+
+class TenantUsage(Base):
+    """A tenant's requests and tokens of one UTC day, counted as jobs are made and stored."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class AuditEvent(Base):
+    """Who changed a key, a role, a setting, or deleted something, and when.
+
+    No foreign keys: the record of a deletion outlives what it deleted.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_tenant_id", "tenant_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int | None] = mapped_column(BigInteger)
+    # "key:<id>" for an API key, "cli" for the operator's command line.
+    actor: Mapped[str] = mapped_column(String(64))
+    actor_key_id: Mapped[int | None] = mapped_column(BigInteger)
+    actor_role: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    request_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Conversation(Base):

@@ -32,7 +32,7 @@ from service.openai_compat.responses import (
     usage_of,
 )
 from service.queue import JobPublisher
-from service.submit import JobRequest, check_queue_room, served_model, submit_job
+from service.submit import JobRequest, admit, served_model, submit_job
 
 # Declared on routes that may answer with a stream, for the OpenAPI docs.
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
@@ -56,7 +56,7 @@ class Serving:
 
 def _submit(serving: Serving, request: JobRequest, max_queued: int) -> Job:
     with serving.factory() as session:
-        check_queue_room(session, tenant_id=serving.tenant_id, limit=max_queued)
+        admit(session, tenant_id=serving.tenant_id, max_queued=max_queued)
         return submit_job(session, serving.publisher, tenant_id=serving.tenant_id, request=request)
 
 

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import crud
+from service.db import tenants
 from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import Job
 from tests.e2e.conftest import Live
@@ -188,7 +188,7 @@ def test_jobs_share_the_batch_and_a_running_one_can_be_cancelled(live: Live) -> 
 def test_a_queued_job_cancelled_never_runs(live: Live) -> None:
     engine = make_engine(live.database_url)
     with make_sessionmaker(engine)() as session:
-        key = crud.get_api_key(session, plaintext=live.writer)
+        key = tenants.get_api_key(session, plaintext=live.writer)
         assert key is not None
         job = _unpublished_job(session, key.tenant_id, "cancelled before it is published")
     engine.dispose()
@@ -213,7 +213,7 @@ def test_lost_publish_is_recovered_by_the_sweeper(live: Live) -> None:
     """A job committed but never published (the API died in between) still completes."""
     engine = make_engine(live.database_url)
     with make_sessionmaker(engine)() as session:
-        key = crud.get_api_key(session, plaintext=live.writer)
+        key = tenants.get_api_key(session, plaintext=live.writer)
         assert key is not None
         job = _unpublished_job(session, key.tenant_id, "never published")
     engine.dispose()

@@ -27,6 +27,8 @@ TABLES = {
     "model_versions",
     "training_jobs",
     "training_events",
+    "tenant_usage",
+    "audit_events",
 }
 
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from service.db import crud
+from service.db import crud, tenants
 from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import Generation, Job, new_id, utcnow
 from tests.utils.factories import make_job, make_key
@@ -39,11 +39,11 @@ def _generation(job: Job) -> Generation:
 def test_keys_are_hashed_and_scoped(db_url: str) -> None:
     with _session(db_url) as session:
         tenant_id, key = make_key(session, "acme", "reader")
-        row = crud.get_api_key(session, plaintext=key)
+        row = tenants.get_api_key(session, plaintext=key)
         assert row is not None and row.tenant_id == tenant_id and row.role == "reader"
-        assert row.key_hash == crud.hash_key(key) and row.key_hash != key
+        assert row.key_hash == tenants.hash_key(key) and row.key_hash != key
         assert key.startswith(row.prefix) and len(row.prefix) < len(key)
-        assert crud.get_api_key(session, plaintext=key + "x") is None
+        assert tenants.get_api_key(session, plaintext=key + "x") is None
 
 
 def test_a_job_is_claimed_once(db_url: str) -> None:

@@ -19,7 +19,7 @@ from service import files
 from service.api.app import create_app
 from service.api.routes import files as files_routes
 from service.config import Settings
-from service.db import crud
+from service.db import tenants
 from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import FileChunk
 
@@ -36,7 +36,7 @@ class Service:
 
 def _bearer(sessions: sessionmaker[Session], tenant: str, role: str) -> tuple[int, dict[str, str]]:
     with sessions() as session:
-        row, plaintext = crud.create_api_key(session, tenant_name=tenant, role=role)
+        row, plaintext = tenants.create_api_key(session, tenant_name=tenant, role=role)
         session.commit()
     return row.tenant_id, {"Authorization": f"Bearer {plaintext}"}
 
@@ -147,7 +147,7 @@ EDGE_CASES = [
 def test_writer_and_readers_agree_at_chunk_edges(db_url: str) -> None:
     engine = make_engine(db_url)
     with make_sessionmaker(engine)() as session:
-        tenant = crud.ensure_tenant(session, name="acme")
+        tenant = tenants.ensure_tenant(session, name="acme")
         for pieces, lines in EDGE_CASES:
             data = b"".join(pieces)
             writer = files.FileWriter(
@@ -175,7 +175,7 @@ def test_writer_and_readers_agree_at_chunk_edges(db_url: str) -> None:
 def test_writer_refuses_past_its_bounds(db_url: str) -> None:
     engine = make_engine(db_url)
     with make_sessionmaker(engine)() as session:
-        tenant = crud.ensure_tenant(session, name="acme")
+        tenant = tenants.ensure_tenant(session, name="acme")
 
         def writer(*, max_bytes: int | None, max_lines: int | None) -> files.FileWriter:
             return files.FileWriter(

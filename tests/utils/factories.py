@@ -6,12 +6,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import crud
+from service.db import crud, tenants
 from service.db.tables import Generation, Job, new_id
 
 
 def make_key(session: Session, tenant: str = "acme", role: str = "writer") -> tuple[int, str]:
-    row, plaintext = crud.create_api_key(session, tenant_name=tenant, role=role)
+    row, plaintext = tenants.create_api_key(session, tenant_name=tenant, role=role)
     session.commit()
     return row.tenant_id, plaintext
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
 from service import batches
-from service.api.deps import CallerDep, PublisherDep, SessionDep, WriterDep
+from service.api.deps import CallerDep, LimitsDep, PublisherDep, SessionDep, WriterDep
 from service.api.errors import ERROR_RESPONSES, InvalidRequest, NotFound
 from service.db.tables import Batch
 from service.files import get_file
@@ -22,6 +22,7 @@ from service.openai_compat.protocol import (
 )
 from service.openai_compat.responses import unix
 from service.queue import PREPARE_BATCH_TASK
+from service.submit import admit
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERROR_RESPONSES)
 
@@ -69,9 +70,18 @@ def _get_batch(session: Session, tenant_id: int, batch_id: str) -> Batch:
 
 @router.post("", response_model=BatchObject)
 def create_batch(
-    body: BatchCreate, caller: WriterDep, session: SessionDep, publisher: PublisherDep
+    body: BatchCreate,
+    caller: WriterDep,
+    session: SessionDep,
+    publisher: PublisherDep,
+    limits: LimitsDep,
 ) -> BatchObject:
-    """Run every line of an uploaded JSONL file (purpose "batch") against one endpoint."""
+    """Run every line of an uploaded JSONL file (purpose "batch") against one endpoint.
+
+    A batch is admitted while the tenant is within its quotas of the day; its lines
+    then count against them as they are stored, and none is refused for it.
+    """
+    admit(session, tenant_id=caller.tenant_id, max_queued=limits.max_queued_jobs_per_tenant)
     file = get_file(session, tenant_id=caller.tenant_id, file_id=body.input_file_id)
     if file is None:
         raise NotFound(f"file {body.input_file_id!r} not found", param="input_file_id")

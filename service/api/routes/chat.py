@@ -14,6 +14,7 @@ from service.api.deps import (
     ServingDep,
     SessionDep,
     WriterDep,
+    audit,
 )
 from service.api.errors import ERROR_RESPONSES, InvalidRequest, NotFound
 from service.db import crud
@@ -154,5 +155,6 @@ def delete_chat_completion(completion_id: str, caller: WriterDep, session: Sessi
     """Delete a stored chat completion: its generation, embeddings and request."""
     job = _stored(session, caller.tenant_id, completion_id)
     crud.delete_job(session, job=job)
+    audit(session, caller, "chat_completion.delete", job.id)
     session.commit()
     return Deleted(id=public_id(API, job.id), object="chat.completion.deleted")

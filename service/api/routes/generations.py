@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from service import files
-from service.api.deps import CallerDep, SessionDep, WriterDep
+from service.api.deps import CallerDep, SessionDep, WriterDep, audit
 from service.api.errors import ERROR_RESPONSES, NotFound
 from service.api.routes.listing import Cursor, Limit, list_filters
 from service.api.schemas import GenerationPublic, Page, content_files
@@ -81,7 +81,9 @@ def read_generation_content(
 
 @router.delete("/{generation_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_generation(generation_id: str, caller: WriterDep, session: SessionDep) -> None:
-    """Delete a generation's text and embeddings; search stops finding it at once."""
+    """Delete a generation with its request, text, files and embeddings; search stops
+    finding it at once."""
     row = _get_generation(session, caller.tenant_id, generation_id)
-    crud.delete_generation(session, generation=row)
+    crud.delete_job(session, job=row.job)
+    audit(session, caller, "generation.delete", row.id, job_id=row.job_id)
     session.commit()

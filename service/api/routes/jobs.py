@@ -35,7 +35,7 @@ from service.openai_compat.responses import sse_event
 from service.openai_compat.serving import event_stream, interrupted
 from service.submit import (
     JobRequest,
-    check_queue_room,
+    admit,
     publish_job,
     resolve_max_tokens,
     served_model,
@@ -140,7 +140,7 @@ def create_job(
     ):
         return JobPublic.from_row(job)
     conversation_id, parent_id = _thread(session, caller.tenant_id, job_in)
-    check_queue_room(session, tenant_id=caller.tenant_id, limit=limits.max_queued_jobs_per_tenant)
+    admit(session, tenant_id=caller.tenant_id, max_queued=limits.max_queued_jobs_per_tenant)
     request = JobRequest(
         model=model,
         queue=job_in.queue,

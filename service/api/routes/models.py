@@ -7,7 +7,14 @@ from sqlalchemy.orm import Session
 
 from models.registry import REGISTRY, TRAINED_FAMILIES
 from service import trained
-from service.api.deps import CallerDep, EmbeddingModelDep, ServedModelsDep, SessionDep, WriterDep
+from service.api.deps import (
+    CallerDep,
+    EmbeddingModelDep,
+    ServedModelsDep,
+    SessionDep,
+    WriterDep,
+    audit,
+)
 from service.api.errors import ERROR_RESPONSES, Conflict, NotFound
 from service.checkpoints import BUILTIN_OWNER
 from service.db import training
@@ -114,6 +121,7 @@ def promote_model_version(
             code="builtin_model",
         )
     training.promote_version(session, row=row)
+    audit(session, caller, "model.promote", row.ref)
     session.commit()
     cards = _trained_cards(session, caller.tenant_id, caller.tenant, name=name)
     return next(card for card in cards if card.version == version)
