@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import redis
@@ -56,14 +57,15 @@ def _interval_and_window(rate_per_minute: int) -> tuple[float, float]:
 class LocalRateLimiter:
     """For one API process: the TATs in a dict, under a lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._tats: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._clock = clock
 
     def acquire(self, key: str, rate_per_minute: int) -> float:
         interval, window = _interval_and_window(rate_per_minute)
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             tat = max(self._tats.get(key, now), now)
             wait = tat - window - now
             if wait > 0:

@@ -21,17 +21,18 @@ JsonDoc = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postg
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("api_keys") as batch_op:
-        batch_op.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
-        # Requests per minute; NULL takes the tenant's, then the server's default.
-        batch_op.add_column(sa.Column("rate_limit_per_minute", sa.Integer(), nullable=True))
-    with op.batch_alter_table("tenants") as batch_op:
-        batch_op.add_column(
-            sa.Column("redact_pii", sa.Boolean(), server_default=sa.false(), nullable=False)
-        )
-        batch_op.add_column(sa.Column("rate_limit_per_minute", sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column("requests_per_day", sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column("tokens_per_day", sa.BigInteger(), nullable=True))
+    # Plain ADD COLUMN on both backends. Never a batch (copy and swap) of these tables on
+    # SQLite: dropping the old tenants table with foreign keys on would cascade-delete
+    # every row that refers to it.
+    op.add_column("api_keys", sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
+    # Requests per minute; NULL takes the tenant's, then the server's default.
+    op.add_column("api_keys", sa.Column("rate_limit_per_minute", sa.Integer(), nullable=True))
+    op.add_column(
+        "tenants", sa.Column("redact_pii", sa.Boolean(), server_default=sa.false(), nullable=False)
+    )
+    op.add_column("tenants", sa.Column("rate_limit_per_minute", sa.Integer(), nullable=True))
+    op.add_column("tenants", sa.Column("requests_per_day", sa.Integer(), nullable=True))
+    op.add_column("tenants", sa.Column("tokens_per_day", sa.BigInteger(), nullable=True))
 
     # One row per tenant and UTC day, counted in the transactions that create jobs and
     # store generations: quotas read one row, and usage reports sum a few.
@@ -70,9 +71,13 @@ def downgrade() -> None:
     op.drop_index("ix_audit_events_tenant_id", table_name="audit_events")
     op.drop_table("audit_events")
     op.drop_table("tenant_usage")
-    with op.batch_alter_table("tenants") as batch_op:
-        for column in ("tokens_per_day", "requests_per_day", "rate_limit_per_minute", "redact_pii"):
-            batch_op.drop_column(column)
-    with op.batch_alter_table("api_keys") as batch_op:
-        batch_op.drop_column("rate_limit_per_minute")
-        batch_op.drop_column("expires_at")
+    # SQLite 3.35 and newer drop a column in place, as PostgreSQL does (no copy and swap).
+    for table, column in (
+        ("tenants", "tokens_per_day"),
+        ("tenants", "requests_per_day"),
+        ("tenants", "rate_limit_per_minute"),
+        ("tenants", "redact_pii"),
+        ("api_keys", "rate_limit_per_minute"),
+        ("api_keys", "expires_at"),
+    ):
+        op.execute(f"ALTER TABLE {table} DROP COLUMN {column}")

@@ -125,7 +125,12 @@ def test_rows_written_before_the_migration_are_searchable(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         with make_sessionmaker(engine)() as session:
-            tenant = make_tenant(session, "early")
+            session.execute(
+                text("INSERT INTO tenants (name, created_at) VALUES ('early', CURRENT_TIMESTAMP)")
+            )
+            tenant = session.execute(
+                text("SELECT id FROM tenants WHERE name = 'early'")
+            ).scalar_one()
             early = new_id("gen")
             # Written as the 0001 schema has it: the ORM already knows later columns.
             rows = {"job": new_id("job"), "gen": early, "tenant": tenant, "empty": "{}"}

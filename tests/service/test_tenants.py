@@ -166,17 +166,18 @@ def _allowed(
 
 
 def test_the_local_limiter_allows_a_burst_then_one_per_interval() -> None:
-    limiter = LocalRateLimiter()
+    now = [1000.0]
+    limiter = LocalRateLimiter(clock=lambda: now[0])
     # 3 a minute: a burst of 3, then the 4th waits one interval (20 s).
     assert _allowed(limiter, "a", 3, 4) == [True, True, True, False]
-    wait = limiter.acquire("a", 3)
-    assert 19 < wait <= 20
+    assert limiter.acquire("a", 3) == 20.0
     assert _allowed(limiter, "b", 3, 1) == [True]  # keys are apart
-    # At 6000 a minute the interval is 10 ms: after a pause, requests pass again.
-    assert _allowed(limiter, "c", 6000, 6000).count(False) == 0
-    assert not _allowed(limiter, "c", 6000, 1)[0]
-    time.sleep(0.05)
-    assert _allowed(limiter, "c", 6000, 1)[0]
+    now[0] += 19.9
+    assert not _allowed(limiter, "a", 3, 1)[0]
+    now[0] += 0.1
+    assert _allowed(limiter, "a", 3, 2) == [True, False]  # one interval: one request
+    now[0] += 60
+    assert _allowed(limiter, "a", 3, 4) == [True, True, True, False]  # a quiet minute: a burst
 
 
 @pytest.mark.redis
