@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # its jobs run again within a minute and a half (the sweep and the requeue delay).
     job_lease_s: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    # A job that runs longer than this (from its claim) is stopped and fails, naming the
+    # limit; a generation's max_tokens keeps it far below the limit on any working device.
+    job_time_limit_s: float = Field(default=600.0, gt=0)
+    training_time_limit_s: float = Field(default=6 * 3600.0, gt=0)
 
     # The search index (service/search): written after this many changes (or 5% of it),
     # one shard per tenant, exact below the IVF threshold, IVF above it.

@@ -26,6 +26,8 @@ class WorkerContext:
     chat_models: tuple[str, ...]
     lease_s: float
     leases: LeaseKeeper
+    job_time_limit_s: float
+    training_time_limit_s: float
     events: EventSink
     # The worker's own Celery app, for the jobs a batch creates.
     publisher: JobPublisher
@@ -55,6 +57,8 @@ def build_context(settings: Settings) -> WorkerContext:
         chat_models=tuple(settings.chat_models),
         lease_s=settings.job_lease_s,
         leases=LeaseKeeper(factory, lease_s=settings.job_lease_s),
+        job_time_limit_s=settings.job_time_limit_s,
+        training_time_limit_s=settings.training_time_limit_s,
         events=make_sink(settings.events_backend_url),
         publisher=JobPublisher(app),
         artifacts_dir=settings.resolved_artifacts_dir,

@@ -112,17 +112,20 @@ def _reject(session: Session, job: Job, message: str, *, param: str, code: str) 
 
 
 def _follow(
-    handle: GenerationHandle, tokens: TokenPublisher, cancelled: threading.Event
-) -> GenerationOutput:
-    """Publish the generation's deltas as they come; pass a cancellation on to the engine."""
+    handle: GenerationHandle, tokens: TokenPublisher, cancelled: threading.Event, deadline: float
+) -> tuple[GenerationOutput, bool]:
+    """Publish the generation's deltas as they come; pass a cancellation, or the time
+    limit's, on to the engine. Returns the output and whether the limit stopped it."""
+    timed_out = False
     while True:
-        if cancelled.is_set() and not handle.cancelled:
+        if not handle.cancelled and (cancelled.is_set() or time.monotonic() > deadline):
+            timed_out = not cancelled.is_set()
             handle.cancel()
         item = handle.next(timeout=FOLLOW_POLL_S)
         if isinstance(item, str):
             tokens(item)
         elif item is not None:
-            return item
+            return item, timed_out
 
 
 def _generate(
@@ -133,10 +136,12 @@ def _generate(
     embedding_model: str,
     tokens: TokenPublisher,
     leases: LeaseKeeper,
+    time_limit_s: float,
 ) -> Outcome:
     """Generate on the engine, then store the generation with its embeddings.
 
-    No database connection is held while the engine generates.
+    No database connection is held while the engine generates. A generation still running
+    time_limit_s after it started is stopped, and the job fails naming the limit.
     """
     with factory() as session:
         history = crud.ancestors(session, generation_id=job.parent_generation_id)
@@ -144,6 +149,7 @@ def _generate(
     model = runtime.chat_model(job.model)
     params = job.params
     started = time.perf_counter()
+    deadline = time.monotonic() + time_limit_s
     try:
         handle = runtime.engine.generate(
             model,
@@ -161,10 +167,16 @@ def _generate(
         with factory() as session:
             return _reject(session, job, message, param="messages", code="context_length_exceeded")
     try:
-        out = _follow(handle, tokens, leases.watch(job.id))
+        out, timed_out = _follow(handle, tokens, leases.watch(job.id), deadline)
     finally:
         leases.release(job.id)
     generate_s = time.perf_counter() - started
+    if timed_out:
+        reason = f"the job ran past its time limit of {time_limit_s:g} s"
+        with factory() as session:
+            crud.finish_job(session, job_id=job.id, status="failed", error=reason)
+            session.commit()
+        return Outcome("failed")
     if out.finish_reason == "cancelled":
         with factory() as session:
             crud.finish_job(session, job_id=job.id, status="cancelled")
@@ -224,6 +236,7 @@ def run_job(
     embedding_model: str,
     artifacts_dir: Path,
     events: EventSink | None = None,
+    time_limit_s: float,
 ) -> Outcome:
     """Claim the job and run it: chat models generate, embedding models embed, trained
     models sample (workers.sampling).
@@ -260,6 +273,7 @@ def run_job(
             embedding_model=embedding_model,
             tokens=tokens,
             leases=leases,
+            time_limit_s=time_limit_s,
         )
     tokens.end(outcome.status)
     return replace(outcome, batch_id=job.batch_id)

@@ -55,6 +55,7 @@ def run_job(job_id: str) -> str:
         embedding_model=context.embedding_model,
         artifacts_dir=context.artifacts_dir,
         events=context.events,
+        time_limit_s=context.job_time_limit_s,
     )
     logger.info("job %s: %s", job_id, outcome.status)
     if outcome.batch_id and outcome.status != "skipped":
@@ -86,6 +87,7 @@ def train_model(self: Task, training_job_id: str) -> str:
             artifacts_dir=context.artifacts_dir,
             device=context.runtime.device,
             lease_s=context.lease_s,
+            time_limit_s=context.training_time_limit_s,
         )
     finally:
         context.training_slots.release()

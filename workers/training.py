@@ -30,13 +30,22 @@ CHECK_EVERY_S = 1.0
 class Reporter:
     """Stores each report of one attempt, and tells the training loop when to stop."""
 
-    def __init__(self, factory: sessionmaker[Session], job: TrainingJob, *, lease_s: float) -> None:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        job: TrainingJob,
+        *,
+        lease_s: float,
+        time_limit_s: float = float("inf"),
+    ) -> None:
         self._factory = factory
         self._job_id = job.id
         self._attempt = job.attempts
         self._lease_s = lease_s
         self._stop = False
         self._checked = time.monotonic()
+        self._deadline = self._checked + time_limit_s
+        self.timed_out = False
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         with self._factory() as session:
@@ -56,6 +65,8 @@ class Reporter:
     def should_stop(self) -> bool:
         if not self._stop and time.monotonic() - self._checked > CHECK_EVERY_S:
             self.event("heartbeat", {})
+        if not self._stop and time.monotonic() > self._deadline:
+            self._stop = self.timed_out = True
         return self._stop
 
 
@@ -131,8 +142,13 @@ def run_training(
     artifacts_dir: Path,
     device: str,
     lease_s: float,
+    time_limit_s: float = float("inf"),
 ) -> str:
-    """Claim and run one training job; returns its final status ("skipped" if not ours)."""
+    """Claim and run one training job; returns its final status ("skipped" if not ours).
+
+    Training still running time_limit_s after the claim stops, and the job fails naming
+    the limit.
+    """
     with factory() as session:
         job = training.claim_training_job(session, job_id=job_id, lease_s=lease_s)
         if job is None:
@@ -141,7 +157,7 @@ def run_training(
     if dataset is None:
         return _finish(factory, job, "failed", f"dataset file {job.dataset_file_id!r} is gone")
     filename, data, dataset_sha256 = dataset
-    reporter = Reporter(factory, job, lease_s=lease_s)
+    reporter = Reporter(factory, job, lease_s=lease_s, time_limit_s=time_limit_s)
     reporter.event("status", {"status": "running", "attempt": job.attempts, "device": device})
     try:
         parsed = classic.parse_dataset(TRAINED_FAMILIES[job.arch][0], filename, data)
@@ -157,6 +173,9 @@ def run_training(
             should_stop=reporter.should_stop,
         )
     except classic.Stopped:
+        if reporter.timed_out:
+            reason = f"training ran past its time limit of {time_limit_s:g} s"
+            return _finish(factory, job, "failed", reason)
         return _finish(factory, job, "cancelled")
     except ValueError as exc:
         # A config value or dataset the family refuses: the job fails with that reason.

@@ -27,7 +27,9 @@ def runtime(model_cache_dir) -> ModelRuntime:  # noqa: ANN001
     return ModelRuntime(cache_dir=model_cache_dir, device="cpu")
 
 
-def _run(factory: sessionmaker[Session], runtime: ModelRuntime, job_id: str) -> Outcome:
+def _run(
+    factory: sessionmaker[Session], runtime: ModelRuntime, job_id: str, time_limit_s: float = 600
+) -> Outcome:
     leases = LeaseKeeper(factory, lease_s=60)
     return run_job(
         factory,
@@ -36,6 +38,7 @@ def _run(factory: sessionmaker[Session], runtime: ModelRuntime, job_id: str) -> 
         leases=leases,
         embedding_model=EMBEDDER,
         artifacts_dir=Path(tempfile.gettempdir()),
+        time_limit_s=time_limit_s,
     )
 
 
@@ -59,6 +62,21 @@ def test_job_runs_once_and_stores_embeddings(sqlite_url: str, runtime: ModelRunt
         vector = np.frombuffer(prompt_vector.vector, dtype=np.float32)
         assert vector.shape == (384,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
         assert session.get(Job, job.id).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_a_job_past_its_time_limit_fails_naming_it(sqlite_url: str, runtime: ModelRuntime) -> None:
+    factory = make_sessionmaker(make_engine(sqlite_url))
+    with factory() as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id, prompt="A long story", max_tokens=400)
+    outcome = _run(factory, runtime, job.id, time_limit_s=0.001)
+    assert outcome.status == "failed"
+    with factory() as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None and stored.status == "failed"
+        assert stored.error == "the job ran past its time limit of 0.001 s"
+        assert session.scalar(select(Generation).where(Generation.job_id == job.id)) is None
+    assert _run(factory, runtime, job.id).status == "skipped"  # never run again
 
 
 def test_earlier_turns_are_given_to_the_model(sqlite_url: str, runtime: ModelRuntime) -> None:
