@@ -197,6 +197,60 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def search_all(client: httpx.Client) -> httpx.Response:
+    """A vector search whose page holds every generation of these tests."""
+    query = {"query": "the tide comes in", "mode": "vector", "target": "output", "k": 100}
+    return client.post("/v1/search", json=query)
+
+
+def index_row(fault: str, expected: set[str], found: list[str]) -> Row:
+    """What a search found against the table: missing ids are lost, extra ones duplicated."""
+    assert len(expected) < 100  # every generation fits in one page of hits
+    return Row(
+        fault,
+        submitted=len(expected),
+        completed=len(set(found) & expected),
+        failed=0,
+        lost=len(expected - set(found)),
+        duplicated=len(found) - len(set(found)) + len(set(found) - expected),
+    )
+
+
+def test_index_writer_killed_while_another_api_shares_the_directory(faulty: Faulty) -> None:
+    """Two API processes share one index directory; the one that persists it is killed.
+    The other takes over persisting, and the index it leaves loads sound and holds exactly
+    the table's generations."""
+    service = faulty.service
+    other = start_api(service, "api-b", failpoints="")
+    with httpx.Client(
+        base_url=other, headers={"Authorization": f"Bearer {faulty.key}"}, timeout=30
+    ) as client:
+        ids = submit(client, 8, "index_writer_killed")
+        wait_until(
+            lambda: all(s in TERMINAL for s in statuses(client, ids)), 120, "jobs still open"
+        )
+        assert tally("index_writer_killed", faulty.database_url, ids).completed == 8
+        service.stop_process("api", signal.SIGKILL)  # the first process: the writer
+        wait_until(
+            lambda: "this process persists it" in service.logs("api-b"),
+            30,
+            "the surviving API did not take over the index",
+        )
+        expected = generation_ids(faulty.database_url, tenant="acme")
+        survivor = [hit["generation"]["id"] for hit in search_all(client).json()["data"]]
+    assert index_row("index_writer_killed", expected, survivor).lost == 0
+    service.stop_process("api-b")  # SIGTERM: the new writer persists on the way out
+    service.start_process("api", "api", "--port", str(service.port))
+    service.wait_healthy()
+    with service.client(faulty.key) as client:
+        answer = search_all(client)  # at once: a sound index loads, nothing is rebuilt
+        assert answer.status_code == 200, answer.text
+        found = [hit["generation"]["id"] for hit in answer.json()["data"]]
+    row = index_row("index_writer_killed", expected, found)
+    record(row)
+    assert row == Row("index_writer_killed", len(expected), len(expected), 0, 0, 0)
+
+
 def test_index_file_corrupted(faulty: Faulty) -> None:
     """A truncated index file is caught by its checksum and rebuilt from SQL; the rebuilt
     index holds exactly the generations the table holds. (Last: it searches them all.)"""
@@ -212,22 +266,9 @@ def test_index_file_corrupted(faulty: Faulty) -> None:
     service.wait_healthy()
     expected = generation_ids(faulty.database_url, tenant="acme")
     with service.client(faulty.key) as client:
-
-        def search() -> httpx.Response:
-            query = {"query": "the tide comes in", "mode": "vector", "target": "output", "k": 100}
-            return client.post("/v1/search", json=query)
-
-        wait_until(lambda: search().status_code == 200, 120, "the index was not rebuilt")
-        found = [hit["generation"]["id"] for hit in search().json()["data"]]
-    assert len(expected) < 100  # every generation fits in one page of hits
-    row = Row(
-        "index_corrupted",
-        submitted=len(expected),
-        completed=len(set(found) & expected),
-        failed=0,
-        lost=len(expected - set(found)),
-        duplicated=len(found) - len(set(found)) + len(set(found) - expected),
-    )
+        wait_until(lambda: search_all(client).status_code == 200, 120, "the index was not rebuilt")
+        found = [hit["generation"]["id"] for hit in search_all(client).json()["data"]]
+    row = index_row("index_corrupted", expected, found)
     record(row)
     assert row == Row("index_corrupted", len(expected), len(expected), 0, 0, 0)
     api_log = (service.log_dir / "api.log").read_text(errors="replace")

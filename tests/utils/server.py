@@ -70,18 +70,22 @@ class RemoteService:
         self.wait_healthy()
         return self
 
-    def wait_healthy(self, timeout: float = 60) -> None:
+    def wait_healthy(
+        self, timeout: float = 60, *, name: str = "api", base_url: str | None = None
+    ) -> None:
+        """Wait until the API process `name` answers /healthz at base_url (its own)."""
+        base_url = base_url or self.base_url
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.processes["api"].poll() is not None:
-                raise RuntimeError(f"the API exited:\n{self.logs('api')}")
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"the API exited:\n{self.logs(name)}")
             try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"the API did not become healthy:\n{self.logs('api')}")
+        raise TimeoutError(f"the API did not become healthy:\n{self.logs(name)}")
 
     def logs(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")[-5000:]
