@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
@@ -10,6 +11,8 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import storable
+
+logger = logging.getLogger("genserve.api")
 
 
 class RequestLimits:
@@ -53,10 +56,33 @@ class RequestLimits:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._too_large(send_with_id, limit)
             return
-        if stream_bound is None:
-            await self._buffered(scope, receive, send_with_id)
-        else:
-            await self._streamed(scope, receive, send_with_id, stream_bound)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
+        try:
+            if stream_bound is None:
+                await self._buffered(scope, receive, send_tracked)
+            else:
+                await self._streamed(scope, receive, send_tracked, stream_bound)
+        except Exception:
+            # Answered here, not by Starlette's outermost handler: that one re-raises after
+            # answering, and the server then drops the client's keep-alive connection.
+            logger.exception(
+                "unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id
+            )
+            if started:
+                raise  # a streamed answer already begun cannot become an error
+            await _error(
+                send_with_id,
+                500,
+                f"internal error (request {request_id})",
+                code="internal_error",
+                type_="server_error",
+            )
 
     async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Read the body (bounded) before the app sees it, so a chunked upload without a
@@ -156,13 +182,19 @@ async def _refuse_text(send: Send, param: str, reason: str) -> None:
 
 
 async def _error(
-    send: Send, status: int, message: str, *, code: str, param: str | None = None
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    code: str,
+    param: str | None = None,
+    type_: str = "invalid_request_error",
 ) -> None:
     body = json.dumps(
         {
             "error": {
                 "message": message,
-                "type": "invalid_request_error",
+                "type": type_,
                 "param": param or None,
                 "code": code,
             }

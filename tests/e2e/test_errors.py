@@ -92,3 +92,12 @@ def test_nul_characters_are_refused(live: Live) -> None:
         metadata = client.post("/v1/jobs", json={**GOOD, "metadata": {"k": "a\u0000b"}})
     assert error_of(prompt, 400)["param"].startswith("input")
     assert error_of(metadata, 400)["param"] == "metadata.k"
+
+
+def test_an_empty_idempotency_key_is_refused_not_stored(live: Live) -> None:
+    with live.service.client(live.writer) as client:
+        answers = [
+            client.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": ""}) for _ in "ab"
+        ]
+    for answer in answers:
+        assert error_of(answer, 400)["param"] == "idempotency-key"

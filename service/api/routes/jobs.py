@@ -130,7 +130,7 @@ def create_job(
     served: ServedModelsDep,
     limits: LimitsDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobPublic:
     """Submit a generation job; it is stored before it is queued."""
     model, params = _resolve(session, caller.tenant_id, job_in, served)
@@ -152,16 +152,21 @@ def create_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
-    job = store_job(session, tenant_id=caller.tenant_id, request=request)
     try:
+        job = store_job(session, tenant_id=caller.tenant_id, request=request)
         session.commit()
     except IntegrityError:
-        # Another request with the same Idempotency-Key committed first.
+        # Another request with the same Idempotency-Key committed first; or the turn this
+        # one continues was deleted meanwhile.
         session.rollback()
-        assert idempotency_key is not None
-        replayed = _replay(session, caller.tenant_id, idempotency_key, request_hash)
-        assert replayed is not None
-        return JobPublic.from_row(replayed)
+        if idempotency_key and (
+            replayed := _replay(session, caller.tenant_id, idempotency_key, request_hash)
+        ):
+            return JobPublic.from_row(replayed)
+        raise Conflict(
+            "the conversation or generation this job continues changed meanwhile; retry",
+            code="conflict",
+        ) from None
     publish_job(session, publisher, job)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobPublic.from_row(job)

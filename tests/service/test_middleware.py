@@ -1,4 +1,5 @@
-"""Text SQL cannot store is refused at the edge, naming where it is; valid Unicode passes."""
+"""The API's middleware: text SQL cannot store is refused at the edge, naming where it is,
+valid Unicode passes; an unexpected error is answered as JSON with the request's id."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import pytest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -41,6 +43,10 @@ def test_find_unstorable_names_the_first_bad_string(
         assert result is not None and result[0] == found[0] and found[1] in result[1]
 
 
+async def fail(request: Request) -> JSONResponse:
+    raise RuntimeError("a bug")
+
+
 async def echo(request: Request) -> JSONResponse:
     return JSONResponse(
         {"body": (await request.body()).decode(), "query": dict(request.query_params)}
@@ -49,8 +55,24 @@ async def echo(request: Request) -> JSONResponse:
 
 @pytest.fixture
 def client() -> TestClient:
-    app = Starlette(routes=[Route("/{rest:path}", echo, methods=["GET", "POST"])])
-    return TestClient(RequestLimits(app, max_bytes=1 << 20))
+    routes = [Route("/fail", fail), Route("/{rest:path}", echo, methods=["GET", "POST"])]
+    # Where create_app puts it: inside Starlette's outermost error handler.
+    middleware = [Middleware(RequestLimits, max_bytes=1 << 20)]
+    return TestClient(Starlette(routes=routes, middleware=middleware))
+
+
+def test_an_unexpected_error_is_a_json_500_with_the_request_id(client: TestClient) -> None:
+    response = client.get("/fail")
+    request_id = response.headers["x-request-id"]
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {
+            "message": f"internal error (request {request_id})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
 
 
 def post(client: TestClient, raw: bytes):  # noqa: ANN201
