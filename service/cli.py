@@ -100,16 +100,25 @@ def _create_key(
             expires_at=expires_at,
             rate_limit_per_minute=rate_limit,
         )
-        tenants.audit(
-            session,
-            tenant_id=row.tenant_id,
-            actor=tenants.CLI_ACTOR,
-            action="key.create",
-            target=f"key:{row.id}",
-            detail={"role": role, "name": name},
-        )
+        _audit(session, row.tenant_id, "key.create", f"key:{row.id}", {"role": role, "name": name})
         session.commit()
         return plaintext
+
+
+def _audit(
+    session: Session, tenant_id: int, action: str, target: str, detail: dict[str, Any]
+) -> None:
+    """Log an operator's change from the command line (in the session's transaction)."""
+    from service.db import tenants
+
+    tenants.audit(
+        session,
+        tenant_id=tenant_id,
+        actor=tenants.CLI_ACTOR,
+        action=action,
+        target=target,
+        detail=detail,
+    )
 
 
 def _check_tenant_name(tenant: str) -> None:
@@ -172,14 +181,7 @@ def keys_revoke(
         if row is None or key is None:
             raise typer.BadParameter(f"no key {key_id} of tenant {tenant!r}")
         tenants.revoke_api_key(session, key=key)
-        tenants.audit(
-            session,
-            tenant_id=row.id,
-            actor=tenants.CLI_ACTOR,
-            action="key.revoke",
-            target=f"key:{key.id}",
-            detail={"role": key.role, "name": key.name},
-        )
+        _audit(session, row.id, "key.revoke", f"key:{key.id}", {"role": key.role, "name": key.name})
         session.commit()
     typer.echo(f"revoked key {key_id} of tenant {tenant!r}")
 
@@ -214,22 +216,9 @@ def tenants_set(
             given[name] = value or None
     with _session(get_settings()) as session:
         row = tenants.ensure_tenant(session, name=tenant)
-        changes = {
-            name: {"from": getattr(row, name), "to": value}
-            for name, value in given.items()
-            if getattr(row, name) != value
-        }
-        for name, change in changes.items():
-            setattr(row, name, change["to"])
+        changes = tenants.update_tenant(session, tenant=row, values=given)
         if changes:
-            tenants.audit(
-                session,
-                tenant_id=row.id,
-                actor=tenants.CLI_ACTOR,
-                action="tenant.update",
-                target=f"tenant:{tenant}",
-                detail=changes,
-            )
+            _audit(session, row.id, "tenant.update", f"tenant:{tenant}", changes)
         session.commit()
         typer.echo(_describe_tenant(row))
 
@@ -272,14 +261,7 @@ def tenants_delete(
         if row is None:
             raise typer.BadParameter(f"no tenant {tenant!r}")
         vectors = tenants.delete_tenant(session, tenant=row)
-        tenants.audit(
-            session,
-            tenant_id=row.id,
-            actor=tenants.CLI_ACTOR,
-            action="tenant.delete",
-            target=f"tenant:{tenant}",
-            detail={"vectors": vectors},
-        )
+        _audit(session, row.id, "tenant.delete", f"tenant:{tenant}", {"vectors": vectors})
         session.commit()
     typer.echo(f"deleted tenant {tenant!r} and {vectors} vectors")
 

@@ -43,6 +43,21 @@ def ensure_tenant(session: Session, *, name: str) -> Tenant:
     return tenant
 
 
+def update_tenant(
+    session: Session, *, tenant: Tenant, values: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Set the tenant's settings to values; returns what changed, {name: {from, to}}."""
+    changes = {
+        name: {"from": getattr(tenant, name), "to": value}
+        for name, value in values.items()
+        if getattr(tenant, name) != value
+    }
+    for name, change in changes.items():
+        setattr(tenant, name, change["to"])
+    session.flush()
+    return changes
+
+
 def redacts_pii(session: Session, *, tenant_id: int) -> bool:
     """Whether the tenant has its prompts and outputs redacted before they are stored."""
     return bool(session.scalar(select(Tenant.redact_pii).where(Tenant.id == tenant_id)))

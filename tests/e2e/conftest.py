@@ -1,5 +1,6 @@
 """One real API and one real worker per backend: SQLite + the embedded broker, and
-PostgreSQL + Redis. Tests talk HTTP to them."""
+PostgreSQL + Redis, shared by every e2e module. Tests talk HTTP to them; a test that
+needs a clean slate makes a tenant of its own."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _env(backend: str, database_url: str, broker_url: str, cache: Path) -> dict[
     return env
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path
 ) -> Iterator[Live]:

@@ -78,7 +78,17 @@ def test_an_admin_creates_lists_and_revokes_keys_and_the_audit_log_has_it(live: 
     with live.service.client(live.writer) as writer:
         error_of(writer.get("/v1/audit"), 403)
         error_of(writer.patch("/v1/tenant", json={"redact_pii": True}), 403)
-    assert tenant
+    # The operator's side: list and revoke from the command line, audited as "cli".
+    with live.service.client(admin) as client:
+        spare = client.post("/v1/keys", json={"name": "spare"}).json()
+    live.service.cli("keys", "revoke", "--tenant", tenant, str(spare["id"]))
+    listed = live.service.cli("keys", "list", "--tenant", tenant)
+    assert f"{spare['id']}\t{spare['prefix']}…\treader\trevoked\tspare" in listed
+    with live.service.client(spare["key"]) as revoked_key:
+        error_of(revoked_key.get("/v1/jobs"), 401)
+    with live.service.client(admin) as client:
+        latest = client.get("/v1/audit").json()["data"][0]
+    assert (latest["action"], latest["actor"]) == ("key.revoke", "cli")
 
 
 def test_a_key_over_its_rate_gets_429_with_retry_after(live: Live) -> None:

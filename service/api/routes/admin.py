@@ -212,14 +212,9 @@ def read_tenant(caller: CallerDep, session: SessionDep) -> TenantPublic:
 def update_tenant(body: TenantUpdate, caller: AdminDep, session: SessionDep) -> TenantPublic:
     """Change the tenant's settings; only the fields sent change."""
     tenant = _tenant(session, caller)
-    changes = {
-        name: {"from": getattr(tenant, name), "to": value}
-        for name, value in body.model_dump(exclude_unset=True, exclude_none=True).items()
-        if getattr(tenant, name) != value
-    }
+    values = body.model_dump(exclude_unset=True, exclude_none=True)
+    changes = tenants.update_tenant(session, tenant=tenant, values=values)
     if changes:
-        for name, change in changes.items():
-            setattr(tenant, name, change["to"])
         audit(session, caller, "tenant.update", f"tenant:{tenant.name}", **changes)
         session.commit()
     return _tenant_public(session, tenant)
