@@ -51,8 +51,6 @@ class Caller:
     tenant_id: int
     tenant: str
     role: str
-    # The tenant's setting: prompts and outputs are redacted before they are stored.
-    redact_pii: bool = False
     request_id: str | None = None
 
     @property
@@ -88,7 +86,6 @@ def get_caller(
         tenant_id=key.tenant_id,
         tenant=key.tenant.name,
         role=key.role,
-        redact_pii=key.tenant.redact_pii,
         request_id=getattr(request.state, "request_id", None),
     )
     # Give the connection back now: the session lives as long as the response, and a
