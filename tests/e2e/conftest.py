@@ -1,6 +1,7 @@
 """One real API and one real worker per backend: SQLite + the embedded broker, and
-PostgreSQL + Redis, shared by every e2e module. Tests talk HTTP to them; a test that
-needs a clean slate makes a tenant of its own."""
+PostgreSQL + Redis, shared by every e2e module and stopped when they are done (package
+scope: no idle worker may take the fault suite's messages from the shared Redis). Tests
+talk HTTP to them; a test that needs a clean slate makes a tenant of its own."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _env(backend: str, database_url: str, broker_url: str, cache: Path) -> dict[
     return env
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+@pytest.fixture(scope="package", params=["sqlite", "postgres"])
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path
 ) -> Iterator[Live]:
