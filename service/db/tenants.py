@@ -59,8 +59,13 @@ def update_tenant(
 
 
 def redacts_pii(session: Session, *, tenant_id: int) -> bool:
-    """Whether the tenant has its prompts and outputs redacted before they are stored."""
-    return bool(session.scalar(select(Tenant.redact_pii).where(Tenant.id == tenant_id)))
+    """Whether the tenant has its prompts and outputs redacted before they are stored.
+
+    Read through the session's identity map: a batch's lines, stored in one session, and
+    a submission whose admission already loaded the tenant cost no further query.
+    """
+    tenant = session.get(Tenant, tenant_id)
+    return tenant is not None and tenant.redact_pii
 
 
 def get_tenant(session: Session, *, name: str) -> Tenant | None:
