@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     # limit; a generation's max_tokens keeps it far below the limit on any working device.
     job_time_limit_s: float = Field(default=600.0, gt=0)
     training_time_limit_s: float = Field(default=6 * 3600.0, gt=0)
+    # An ingestion (documents into a collection) is stopped past this; what it stored stays.
+    ingestion_time_limit_s: float = Field(default=6 * 3600.0, gt=0)
 
     # The search index (service/search): written after this many changes (or 5% of it),
     # one shard per tenant, exact below the IVF threshold, IVF above it.

@@ -102,6 +102,7 @@ class JobRequest:
     parent_generation_id: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    context: dict[str, Any] | None = None  # a grounded job's passages (service/rag)
 
 
 def store_job(
@@ -133,6 +134,7 @@ def store_job(
         store=request.store,
         batch_id=batch_id,
         custom_id=custom_id,
+        context=request.context,
     )
 
 

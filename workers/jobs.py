@@ -17,9 +17,10 @@ from models.backends.causal_lm import CausalLM
 from models.backends.decoding import GenerationOutput, SamplingParams
 from models.registry import REGISTRY, get_spec
 from service.db import crud, tenants
-from service.db.tables import Generation, Job, new_id
+from service.db.tables import Generation, GenerationSource, Job, new_id
 from service.events import EventSink
-from workers import sampling
+from service.rag import grounding
+from workers import ingest, sampling
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
@@ -46,16 +47,59 @@ def turn_text(turn_input: dict[str, Any]) -> str:
     return str(turn_input["prompt"])
 
 
-def encode_job(model: CausalLM, job: Job, history: list[Generation]) -> list[int]:
-    """Token ids of the job's input after the earlier turns of its conversation."""
+def encode_job(
+    model: CausalLM, job: Job, history: list[Generation]
+) -> tuple[list[int], list[grounding.Packed]]:
+    """Token ids of the job's input after the earlier turns of its conversation, and the
+    passages packed into its last turn when it is grounded (job.context)."""
     if job.input.get("raw"):
         earlier = "".join(turn.prompt + turn.output for turn in history)
-        return model.encode_prompt(earlier + job.input["prompt"])
+        return model.encode_prompt(earlier + job.input["prompt"]), []
     messages: list[dict[str, str]] = []
     for turn in history:
         messages += turn_messages(turn.input)
         messages.append({"role": "assistant", "content": turn.output})
-    return model.encode_chat(messages + turn_messages(job.input))
+    messages += turn_messages(job.input)
+    if not job.context:
+        return model.encode_chat(messages), []
+    # Grounded: the passages that fit beside the conversation, the instructions and the
+    # answer's room, in this model's tokens.
+    question = messages[-1]["content"]
+    framed = [
+        *messages[:-1],
+        {"role": "user", "content": grounding.grounded_question(question, [])},
+    ]
+    budget = model.context_length - job.params["max_tokens"] - len(model.encode_chat(framed))
+    limit = job.context["rag"].get("max_context_tokens")
+    packed = grounding.pack(
+        job.context["passages"],
+        count_tokens=model.count_tokens,
+        budget=min(budget, limit) if limit else budget,
+    )
+    messages[-1] = {"role": "user", "content": grounding.grounded_question(question, packed)}
+    return model.encode_chat(messages), packed
+
+
+def _sources(generation: Generation, packed: list[grounding.Packed]) -> list[GenerationSource]:
+    """The rows that keep a grounded generation's passages, marked when its answer cites them."""
+    cited = set(grounding.cited_numbers(generation.output))
+    return [
+        GenerationSource(
+            generation_id=generation.id,
+            number=item.number,
+            rank=item.passage["rank"],
+            score=item.passage["score"],
+            scores=item.passage["scores"],
+            collection_id=item.passage["collection_id"],
+            document_id=item.passage["document_id"],
+            chunk_id=item.passage["chunk_id"],
+            source_generation_id=item.passage["generation_id"],
+            title=item.passage["title"],
+            text=item.passage["text"],
+            cited=item.number in cited,
+        )
+        for item in packed
+    ]
 
 
 @dataclass(frozen=True)
@@ -150,10 +194,11 @@ def _generate(
     params = job.params
     started = time.perf_counter()
     deadline = time.monotonic() + time_limit_s
+    prompt_ids, packed = encode_job(model, job, history)
     try:
         handle = runtime.engine.generate(
             model,
-            encode_job(model, job, history),
+            prompt_ids,
             SamplingParams(
                 max_new_tokens=params["max_tokens"],
                 temperature=params["temperature"],
@@ -199,6 +244,8 @@ def _generate(
             model=embedding_model,
             dimension=spec.dimension,
         )
+        if stored and packed:
+            session.add_all(_sources(generation, packed))
         session.commit()
     return Outcome("succeeded", generation.id) if stored else Outcome("skipped")
 
@@ -237,9 +284,10 @@ def run_job(
     artifacts_dir: Path,
     events: EventSink | None = None,
     time_limit_s: float,
+    ingestion_time_limit_s: float | None = None,
 ) -> Outcome:
     """Claim the job and run it: chat models generate, embedding models embed, trained
-    models sample (workers.sampling).
+    models sample (workers.sampling), ingestions fill a collection (workers.ingest).
 
     A generation and its embeddings are stored in one transaction. An interactive job's
     tokens are published to events as they come, and its end after the commit (batch jobs
@@ -250,6 +298,11 @@ def run_job(
         job = crud.claim_job(session, job_id=job_id, lease_s=leases.lease_s)
     if job is None:
         return Outcome("skipped")  # done, cancelled, or running elsewhere
+    if job.api == "ingest":
+        limit = ingestion_time_limit_s or time_limit_s
+        return Outcome(
+            ingest.run_ingestion(factory, runtime, job, leases=leases, time_limit_s=limit)
+        )
     # Every waiting request wakes on the stream's end, embeddings requests too.
     tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
     tokens.start()

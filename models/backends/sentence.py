@@ -102,6 +102,21 @@ class SentenceEmbedder:
             encoded = self.model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         return [len(ids) for ids in encoded]
 
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character (start, end) of each token of text: no special tokens, no truncation.
+
+        Args:
+            text: Any text.
+
+        Returns:
+            One span per token, in order (what a chunker cuts at).
+        """
+        with self._lock:
+            encoded = self.model.tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            )
+        return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+
 
 def load(spec: ModelSpec, *, cache_dir: Path, device: str, dtype: torch.dtype) -> SentenceEmbedder:
     """Load the packaged all-MiniLM-L6-v2 from its local folder (no hub access).

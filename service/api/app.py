@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from service.api.routes import (
     admin,
     batches,
     chat,
+    collections,
     completions,
     conversations,
     files,
@@ -33,9 +35,10 @@ from service.db.session import make_engine, make_sessionmaker
 from service.events import make_source
 from service.files import FileLimits
 from service.queue import JobPublisher, make_celery, prepare_embedded_broker
+from service.rag.retrieval import Retriever
 from service.ratelimit import make_rate_limiter
 from service.search.embedder import LazyEmbedder
-from service.search.index import VectorIndex
+from service.search.index import CHUNKS, GENERATIONS, VectorIndex
 from service.search.shards import ShardPolicy
 from service.sweeper import Sweeper
 
@@ -52,21 +55,28 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
         publisher = JobPublisher(make_celery("genserve-api", settings.celery_broker_url))
         spec = get_spec(settings.embedding_model)
         assert spec.dimension is not None
-        index = VectorIndex(
-            model=spec.name,
-            dimension=spec.dimension,
-            directory=settings.index_dir,
-            persist_every=settings.index_persist_every,
-            policy=ShardPolicy(
-                ivf_threshold=settings.index_ivf_threshold,
-                encoding=settings.index_ivf_encoding,
-                nprobe=settings.index_nprobe,
-            ),
+        policy = ShardPolicy(
+            ivf_threshold=settings.index_ivf_threshold,
+            encoding=settings.index_ivf_encoding,
+            nprobe=settings.index_nprobe,
+        )
+        # Past generations (a shard per tenant) and documents' chunks (per collection).
+        index, chunk_index = (
+            VectorIndex(
+                model=spec.name,
+                dimension=spec.dimension,
+                directory=settings.index_dir,
+                persist_every=settings.index_persist_every,
+                policy=policy,
+                source=source,
+            )
+            for source in (GENERATIONS, CHUNKS)
         )
         # A sound index file loads here; a rebuild from SQL runs in the index's thread
         # while the API serves (vector search answers 503 until it is done).
-        index.open(factory, build=False)
-        index.start(factory, interval_s=settings.index_maintain_interval_s)
+        for each in (index, chunk_index):
+            each.open(factory, build=False)
+            each.start(factory, interval_s=settings.index_maintain_interval_s)
         sweeper = Sweeper(
             factory,
             publisher,
@@ -78,7 +88,15 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
         app.state.publisher = publisher
         app.state.index = index
         app.state.embedder = LazyEmbedder(
-            model=spec.name, cache_dir=settings.models_dir, device="cpu"
+            model=spec.name,
+            cache_dir=settings.models_dir,
+            device="cpu",
+        )
+        app.state.retriever = Retriever(
+            chunk_index=chunk_index,
+            generation_index=index,
+            embed=app.state.embedder.encode_one,
+            embedding_model=spec.name,
         )
         app.state.served_models = tuple(settings.chat_models)
         app.state.events = make_source(settings.events_backend_url)
@@ -95,6 +113,7 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             sweeper.stop()
             app.state.rate_limiter.close()
             await app.state.events.close()
+            chunk_index.close()
             index.close()
             publisher.close()
             engine.dispose()
@@ -111,11 +130,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan(settings),
     )
     register_error_handlers(app)
+    upload_bound = settings.max_file_bytes + files.MULTIPART_OVERHEAD_BYTES
     app.add_middleware(
         RequestLimits,
         max_bytes=settings.max_body_bytes,
         # Uploads stream to SQL as they arrive, bounded by the file limit, never buffered.
-        stream_paths={files.UPLOAD_PATH: settings.max_file_bytes + files.MULTIPART_OVERHEAD_BYTES},
+        stream_paths={
+            re.compile(re.escape(files.UPLOAD_PATH)): upload_bound,
+            collections.UPLOAD_PATH: upload_bound,
+        },
     )
     routers = (
         health,
@@ -123,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generations,
         conversations,
         search,
+        collections,
         models,
         training,
         chat,
@@ -145,8 +169,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for operations in schema["paths"].values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
-        components = schema.get("components", {}).get("schemas", {})
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
+        # Bodies a route reads itself (several content types) are referenced by name.
+        for model in collections.BODY_MODELS:
+            found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(found.pop("$defs", {}))
+            components[model.__name__] = found
         app.openapi_schema = schema
     return app.openapi_schema

@@ -174,12 +174,19 @@ SessionmakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker)]
 
 
 def get_serving(
+    request: Request,
     caller: WriterDep,
     factory: SessionmakerDep,
     source: EventsDep,
     publisher: PublisherDep,
 ) -> Serving:
-    return Serving(factory=factory, source=source, publisher=publisher, tenant_id=caller.tenant_id)
+    return Serving(
+        factory=factory,
+        source=source,
+        publisher=publisher,
+        tenant_id=caller.tenant_id,
+        retriever=getattr(request.app.state, "retriever", None),
+    )
 
 
 # Submitting and following jobs for a writer (the OpenAI generation routes).

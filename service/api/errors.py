@@ -113,8 +113,10 @@ def error_json(
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts)
+    # Only the first part says where (a body field may itself be called "query").
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    return ".".join(str(part) for part in loc)
 
 
 async def _genserve_error(_request: Request, exc: Exception) -> JSONResponse:

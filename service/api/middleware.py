@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
@@ -26,11 +27,24 @@ class RequestLimits:
     """
 
     def __init__(
-        self, app: ASGIApp, *, max_bytes: int, stream_paths: Mapping[str, int] | None = None
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        stream_paths: Mapping[re.Pattern[str], int] | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.stream_paths = dict(stream_paths or {})
+
+    def _stream_bound(self, scope: Scope) -> int | None:
+        """The bound of an upload path this POST goes to; None for every other request."""
+        if scope["method"] != "POST":
+            return None
+        for pattern, bound in self.stream_paths.items():
+            if pattern.fullmatch(scope["path"]):
+                return bound
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,7 +63,7 @@ class RequestLimits:
         if unstorable is not None:
             await _refuse_text(send_with_id, *unstorable)
             return
-        stream_bound = self.stream_paths.get(scope["path"]) if scope["method"] == "POST" else None
+        stream_bound = self._stream_bound(scope)
         limit = self.max_bytes if stream_bound is None else stream_bound
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")

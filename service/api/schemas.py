@@ -155,6 +155,7 @@ class JobCreate(Strict):
     queue: Literal["interactive", "batch"] = "interactive"
     conversation_id: str | None = Field(default=None, max_length=40)
     parent_generation_id: str | None = Field(default=None, max_length=40)
+    rag: RagOptions | None = None
 
     _metadata = field_validator("metadata")(_check_metadata)
 
@@ -189,6 +190,8 @@ class GenerationPublic(BaseModel):
     timings: dict[str, Any]
     # Files the generation made (images, tables); empty for text.
     content: list[ContentPart] = Field(default_factory=list)
+    # A grounded answer's sources that it cites; all its sources: /v1/generations/{id}/sources
+    citations: list[Citation] = Field(default_factory=list)
     created_at: datetime
 
     @classmethod
@@ -213,6 +216,7 @@ class GenerationPublic(BaseModel):
             finish_reason=row.finish_reason,
             timings=row.timings,
             content=[ContentPart.from_row(f) for f in content_files(row)],
+            citations=[Citation.from_source(source) for source in row.sources if source.cited],
             created_at=row.created_at,
         )
 
@@ -476,3 +480,245 @@ class ContentPart(BaseModel):
             bytes=row.bytes,
             metadata=meta,
         )
+
+
+# --- retrieval-augmented generation ------------------------------------------------------
+
+# A collection is named by its id or its name, so a name must not look like an id.
+COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+Scalar = str | int | float | bool
+
+
+class ChunkingOptions(Strict):
+    """How documents are cut: tokens of the embedding model per chunk, and shared by
+    neighbours."""
+
+    # The embedding model reads 256 tokens, two of them its own markers.
+    max_tokens: int = Field(default=200, ge=16, le=254)
+    overlap_tokens: int = Field(default=40, ge=0, le=127)
+
+    @model_validator(mode="after")
+    def _overlap_below_half(self) -> ChunkingOptions:
+        if self.overlap_tokens * 2 >= self.max_tokens:
+            raise ValueError(
+                f"overlap_tokens must be below half of max_tokens ({self.max_tokens}), "
+                f"got {self.overlap_tokens}"
+            )
+        return self
+
+
+class CollectionCreate(Strict):
+    name: str = Field(
+        pattern=COLLECTION_NAME_PATTERN, description="unique per tenant; not all digits"
+    )
+    kind: Literal["documents", "history"] = Field(
+        default="documents", description="history: the tenant's past generations"
+    )
+    embedding_model: str | None = Field(default=None, max_length=128)
+    chunking: ChunkingOptions = Field(default_factory=ChunkingOptions)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_id(cls, value: str) -> str:
+        if value.isdigit():
+            raise ValueError("name must not be all digits: collections are named by id or name")
+        return value
+
+
+class CollectionPublic(BaseModel):
+    id: int
+    object: Literal["collection"] = "collection"
+    name: str
+    kind: str
+    embedding_model: str
+    chunking: ChunkingOptions
+    metadata: dict[str, Any]
+    document_count: int
+    chunk_count: int
+    created_at: datetime
+
+
+class CollectionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CollectionPublic]
+
+
+class DocumentIn(Strict):
+    id: str = Field(min_length=1, max_length=512, description="your id; the same id replaces")
+    title: str = Field(default="", max_length=2000)
+    text: str = Field(min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+
+class DocumentsCreate(Strict):
+    documents: list[DocumentIn] = Field(min_length=1, max_length=1000)
+
+
+class DocumentPublic(BaseModel):
+    id: str
+    object: Literal["document"] = "document"
+    collection_id: int
+    external_id: str
+    title: str
+    format: str
+    filename: str | None
+    sha256: str
+    metadata: dict[str, Any]
+    chunk_count: int
+    characters: int
+    ingestion_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    text: str | None = None  # GET of one document only
+
+    @classmethod
+    def from_row(cls, row: Any, *, with_text: bool = False) -> DocumentPublic:
+        return cls(
+            id=row.id,
+            collection_id=row.collection_id,
+            external_id=row.external_id,
+            title=row.title,
+            format=row.format,
+            filename=row.filename,
+            sha256=row.sha256,
+            metadata=row.meta,
+            chunk_count=row.chunk_count,
+            characters=len(row.text),
+            ingestion_id=row.job_id,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            text=row.text if with_text else None,
+        )
+
+
+class IngestionPublic(BaseModel):
+    """An ingestion job: extract, chunk, embed, store, index; progress as it goes."""
+
+    id: str
+    object: Literal["ingestion"] = "ingestion"
+    collection_id: int
+    status: JobStatus
+    # stage, files, documents (total, done, created, replaced, unchanged), chunks, errors
+    progress: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> IngestionPublic:
+        return cls(
+            id=row.id,
+            collection_id=row.input["collection_id"],
+            status=row.status,
+            progress=row.result or {"stage": "queued"},
+            error=row.error,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class DocumentFiltersIn(Strict):
+    document_ids: list[str] = Field(default_factory=list, max_length=1000)
+    external_ids: list[str] = Field(default_factory=list, max_length=1000)
+    metadata: dict[str, Scalar] = Field(default_factory=dict)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+class CollectionSearchRequest(Strict):
+    query: str = Field(min_length=1, max_length=8192)
+    mode: SearchMode = "hybrid"
+    k: int = Field(default=10, ge=1, le=100)
+    filters: DocumentFiltersIn = Field(default_factory=DocumentFiltersIn)
+    weights: SearchWeights = Field(default_factory=SearchWeights)
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must not be blank")
+        return value
+
+
+class PassagePublic(BaseModel):
+    rank: int
+    score: float
+    scores: SearchScores
+    collection_id: int
+    document_id: str | None
+    external_id: str | None
+    chunk_id: int | None
+    generation_id: str | None  # a history collection's passage
+    title: str
+    text: str
+    metadata: dict[str, Any]
+
+
+class PassageList(BaseModel):
+    object: Literal["list"] = "list"
+    model: str | None
+    mode: SearchMode
+    data: list[PassagePublic]
+
+
+class RagOptions(Strict):
+    """Ground a generation in passages retrieved from collections."""
+
+    collections: list[int | str] = Field(min_length=1, max_length=16, description="ids or names")
+    k: int = Field(default=5, ge=1, le=50, description="passages retrieved")
+    mode: SearchMode = "hybrid"
+    filters: DocumentFiltersIn = Field(default_factory=DocumentFiltersIn)
+    max_context_tokens: int | None = Field(
+        default=None, ge=64, description="tokens of passages at most; default: what fits"
+    )
+
+
+class SourcePublic(BaseModel):
+    number: int  # the [n] the answer cites it by
+    rank: int
+    score: float
+    scores: dict[str, Any]
+    cited: bool
+    collection_id: int | None
+    document_id: str | None
+    chunk_id: int | None
+    source_generation_id: str | None
+    title: str
+    text: str
+
+
+class SourceList(BaseModel):
+    object: Literal["list"] = "list"
+    generation_id: str
+    data: list[SourcePublic]
+
+
+class Citation(BaseModel):
+    number: int
+    title: str
+    collection_id: int | None
+    document_id: str | None
+    chunk_id: int | None
+    source_generation_id: str | None
+
+    @classmethod
+    def from_source(cls, row: Any) -> Citation:
+        return cls(
+            number=row.number,
+            title=row.title,
+            collection_id=row.collection_id,
+            document_id=row.document_id,
+            chunk_id=row.chunk_id,
+            source_generation_id=row.source_generation_id,
+        )
+
+
+JobCreate.model_rebuild()
+GenerationPublic.model_rebuild()

@@ -17,6 +17,7 @@ from service.db import tenants
 from service.db.tables import (
     Batch,
     Conversation,
+    Document,
     Embedding,
     EmbeddingDeletion,
     File,
@@ -27,7 +28,7 @@ from service.db.tables import (
     utcnow,
 )
 
-R = TypeVar("R", Job, Generation, File, Batch, TrainingJob)
+R = TypeVar("R", Job, Generation, File, Batch, TrainingJob, Document)
 Q = TypeVar("Q", Job, TrainingJob)  # the two kinds of job a worker claims
 
 
@@ -57,7 +58,7 @@ class Filters:
 # --- filters -----------------------------------------------------------------------------
 
 
-def _json_value_matches(column: Any, key: str, value: Any) -> ColumnElement[bool]:
+def json_value_matches(column: Any, key: str, value: Any) -> ColumnElement[bool]:
     """metadata[key] == value; a numeric string from a query string also matches the number."""
     path = column[key]
     if isinstance(value, bool):
@@ -92,7 +93,7 @@ def filter_clauses(
         clauses.append(table.conversation_id == filters.conversation_id)
     clauses.extend(_has_tag(table.meta, tag, dialect) for tag in filters.tags)
     clauses.extend(
-        _json_value_matches(table.meta, key, value) for key, value in filters.metadata.items()
+        json_value_matches(table.meta, key, value) for key, value in filters.metadata.items()
     )
     if filters.min_feedback_score is not None:
         if table is not Generation:
@@ -145,6 +146,7 @@ def create_job(
     store: bool = False,
     batch_id: str | None = None,
     custom_id: str | None = None,
+    context: dict[str, Any] | None = None,
 ) -> Job:
     """A queued job; a new conversation is started when it continues none."""
     if conversation_id is None:
@@ -169,6 +171,7 @@ def create_job(
         store=store,
         batch_id=batch_id,
         custom_id=custom_id,
+        context=context,
     )
     session.add(job)
     session.flush()

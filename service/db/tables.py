@@ -34,7 +34,7 @@ JsonDoc = JSON().with_variant(JSONB(), "postgresql")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 # Which API made a job; its results are served back in that API's shapes.
-JOB_APIS = ("jobs", "chat.completions", "completions", "embeddings")
+JOB_APIS = ("jobs", "chat.completions", "completions", "embeddings", "ingest")
 BATCH_STATUSES = (
     "validating",
     "failed",
@@ -198,6 +198,8 @@ class Job(Base):
     store: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     # What a job that makes no generation returns (embeddings), or a batch line's error.
     result: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    # What the service adds to the input: a grounded job's retrieval and its passages.
+    context: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     # A line of a batch (indexed with status: "is any line still pending" is one seek).
     batch_id: Mapped[str | None] = mapped_column(String(40))
     custom_id: Mapped[str | None] = mapped_column(String(512))
@@ -250,6 +252,10 @@ class Generation(Base):
     # The files it made (images, tables); ordered by their metadata's index.
     content_files: Mapped[list[File]] = relationship(
         primaryjoin="Generation.id == foreign(File.generation_id)", viewonly=True, lazy="selectin"
+    )
+    # The passages a grounded generation was given (RAG), by their citation number.
+    sources: Mapped[list[GenerationSource]] = relationship(
+        viewonly=True, lazy="selectin", order_by="GenerationSource.number"
     )
 
 
@@ -446,3 +452,143 @@ class TrainingEvent(Base):
     kind: Mapped[str] = mapped_column(String(16))  # "progress" | "status"
     data: Mapped[dict[str, Any]] = mapped_column(JsonDoc)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+COLLECTION_KINDS = ("documents", "history")
+
+
+class Collection(Base):
+    """A named set of documents searched together; "history" ones search past generations.
+
+    The id is an integer: it keys the collection's shard of the chunk index.
+    """
+
+    __tablename__ = "collections"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", name="uq_collections_name"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16), default="documents")
+    embedding_model: Mapped[str] = mapped_column(String(128))
+    chunk_tokens: Mapped[int] = mapped_column(Integer)
+    chunk_overlap: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonDoc, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Document(Base):
+    """One document of a collection: its extracted text, and what it was made from.
+
+    external_id is the caller's name for it (its id in a JSONL file, else the filename);
+    uploading it again with other content replaces its chunks, with the same content
+    changes nothing (sha256 of title, text and metadata).
+    """
+
+    __tablename__ = "documents"
+    __table_args__ = (
+        UniqueConstraint("collection_id", "external_id", name="uq_documents_external_id"),
+        Index("ix_documents_collection_created", "collection_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(512))
+    title: Mapped[str] = mapped_column(Text, default="")
+    text: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonDoc, default=dict)
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The ingestion (a job) that wrote this version.
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Chunk(Base):
+    """A passage of a document, as embedded and searched. Its id is its full-text rowid."""
+
+    __tablename__ = "chunks"
+    __table_args__ = (
+        Index("ix_chunks_document", "document_id", "seq"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    collection_id: Mapped[int] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), index=True
+    )
+    document_id: Mapped[str] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    start: Mapped[int] = mapped_column(Integer)  # character offsets in the document's text
+    end: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChunkEmbedding(Base):
+    """A chunk's float32 vector. The FAISS id in the chunk index is this row's id."""
+
+    __tablename__ = "chunk_embeddings"
+    __table_args__ = (
+        Index("ix_chunk_embeddings_model_id", "model", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    chunk_id: Mapped[int] = mapped_column(ForeignKey("chunks.id", ondelete="CASCADE"), unique=True)
+    model: Mapped[str] = mapped_column(String(128))
+    dimension: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChunkEmbeddingDeletion(Base):
+    """The chunk index's deletion log, as embedding_deletions is the generation index's."""
+
+    __tablename__ = "chunk_embedding_deletions"
+    __table_args__ = (
+        Index("ix_chunk_embedding_deletions_model_id", "model", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    embedding_id: Mapped[int] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(128))
+    collection_id: Mapped[int | None] = mapped_column(BigInteger)
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GenerationSource(Base):
+    """A passage a grounded generation was given: what it was, where from, how it ranked.
+
+    The text is kept as the model saw it, so the lineage survives the document being
+    replaced or deleted (then chunk_id and document_id point at nothing).
+    """
+
+    __tablename__ = "generation_sources"
+    __table_args__ = (Index("ix_generation_sources_generation", "generation_id", "number"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)  # the [n] the model cites it by
+    rank: Mapped[int] = mapped_column(Integer)  # its place in the retrieval, 1-based
+    score: Mapped[float] = mapped_column(Float)
+    scores: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)  # per ranking
+    collection_id: Mapped[int | None] = mapped_column(BigInteger)
+    document_id: Mapped[str | None] = mapped_column(String(40))
+    chunk_id: Mapped[int | None] = mapped_column(BigInteger)
+    # A "history" collection's passage is a past generation.
+    source_generation_id: Mapped[str | None] = mapped_column(String(40))
+    title: Mapped[str] = mapped_column(Text, default="")
+    text: Mapped[str] = mapped_column(Text)
+    cited: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from models.registry import ModelSpec
 from service.api.errors import InvalidRequest
-from service.api.schemas import MAX_STOP_SEQUENCES, Strict
+from service.api.schemas import MAX_STOP_SEQUENCES, Citation, RagOptions, Strict
 from service.submit import JobRequest, resolve_max_tokens
 
 # OpenAI's limits on stored metadata: 16 pairs, keys up to 64 and values up to 512 chars.
@@ -178,6 +178,8 @@ class ChatCompletionRequest(_SamplingRequest):
     reasoning_effort: str | None = None
     service_tier: str | None = None
     web_search_options: dict[str, Any] | None = None
+    # genserve's own: ground the answer in passages of collections (an extra body field).
+    rag: RagOptions | None = None
 
     _metadata = field_validator("metadata")(_check_metadata)
 
@@ -378,6 +380,9 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     # Stored completions carry their metadata, as OpenAI's do.
     metadata: dict[str, str] | None = None
+    # A grounded answer's cited sources (genserve's own; all: /v1/generations/{id}/sources).
+    citations: list[Citation] | None = None
+    generation_id: str | None = None
 
 
 class TextChoice(BaseModel):

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from service.api.schemas import Citation
 from service.db.tables import Generation, Job
 from service.openai_compat.protocol import (
     ChatChoice,
@@ -69,6 +70,12 @@ def chat_completion(job: Job, generation: Generation) -> ChatCompletion:
         usage=usage_of(generation),
         system_fingerprint=generation.model_version,
         metadata=generation.meta if job.store else None,
+        citations=(
+            [Citation.from_source(source) for source in generation.sources if source.cited]
+            if generation.sources
+            else None
+        ),
+        generation_id=generation.id if generation.sources else None,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -32,6 +32,7 @@ from service.openai_compat.responses import (
     usage_of,
 )
 from service.queue import JobPublisher
+from service.rag.retrieval import Retriever
 from service.submit import JobRequest, admit, served_model, submit_job
 
 # Declared on routes that may answer with a stream, for the OpenAPI docs.
@@ -52,17 +53,29 @@ class Serving:
     source: EventSource
     publisher: JobPublisher
     tenant_id: int
+    retriever: Retriever | None = None
 
 
-def _submit(serving: Serving, request: JobRequest, max_queued: int) -> Job:
+def _submit(
+    serving: Serving, request: JobRequest, max_queued: int, rag: dict[str, Any] | None
+) -> Job:
     with serving.factory() as session:
         admit(session, tenant_id=serving.tenant_id, max_queued=max_queued)
+        if rag is not None:
+            assert serving.retriever is not None, "grounding needs the app's retriever"
+            question = request.input["messages"][-1]["content"]
+            context = serving.retriever.ground(
+                session, tenant_id=serving.tenant_id, options=rag, question=question
+            )
+            request = replace(request, context=context)
         return submit_job(session, serving.publisher, tenant_id=serving.tenant_id, request=request)
 
 
-async def submit(serving: Serving, request: JobRequest, *, max_queued: int) -> Job:
-    """Store and publish the job, off the event loop."""
-    return await anyio.to_thread.run_sync(_submit, serving, request, max_queued)
+async def submit(
+    serving: Serving, request: JobRequest, *, max_queued: int, rag: dict[str, Any] | None = None
+) -> Job:
+    """Store and publish the job, off the event loop; with rag, grounded in its passages."""
+    return await anyio.to_thread.run_sync(_submit, serving, request, max_queued, rag)
 
 
 def _cancel(serving: Serving, job_id: str) -> None:
@@ -205,7 +218,13 @@ async def serve_generation(
 ) -> Response:
     """A chat or text completion: submitted as an interactive job, streamed or awaited."""
     spec = served_model(body.model, served, task="chat")
-    job = await submit(serving, body.to_job(spec, queue="interactive"), max_queued=max_queued)
+    rag = getattr(body, "rag", None)
+    job = await submit(
+        serving,
+        body.to_job(spec, queue="interactive"),
+        max_queued=max_queued,
+        rag=rag.model_dump(mode="json") if rag is not None else None,
+    )
     if body.stream:
         return stream(http, serving, job, include_usage=body.include_usage)
     return await answer(http, serving, job)

@@ -179,7 +179,7 @@ def vector_candidates(
         matched.update(visible)
         return set(visible)
 
-    hits = index.search(query_vector, k * len(kinds), accept, tenant_id=tenant_id, allowed=allowed)
+    hits = index.search(query_vector, k * len(kinds), accept, shard=tenant_id, allowed=allowed)
     best: dict[str, tuple[float, str]] = {}
     for embedding_id, score in hits:
         generation_id, kind = matched[embedding_id]

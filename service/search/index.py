@@ -5,6 +5,9 @@ embedding rows above the last id it saw and the deletion log the writers append 
 process (the holder of the writer lock) persists the index atomically with a manifest,
 the others load it; a missing, corrupt or mismatched index is rebuilt from SQL.
 
+The same machinery follows two sources (`Source`): the embeddings of past generations,
+sharded by tenant, and the embeddings of documents' chunks, sharded by collection.
+
 The index is sharded by tenant (service/search/shards.py): a search only ever looks at
 its tenant's shard, each shard is exact while small and an IVF index once large, and a
 large shard is retrained in the background from a copy while the old one keeps serving.
@@ -42,7 +45,7 @@ import numpy as np
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from service.db.tables import Embedding, EmbeddingDeletion
+from service.db.tables import ChunkEmbedding, ChunkEmbeddingDeletion, Embedding, EmbeddingDeletion
 from service.search.shards import Shard, ShardPolicy, build
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,7 @@ class IndexNotReady(RuntimeError):
 class ShardEntry:
     """One shard file, as the manifest lists it."""
 
-    tenant_id: int
+    tenant_id: int  # the shard's key: a tenant, or a collection in the chunk index
     kind: str
     count: int
     trained_on: int
@@ -179,58 +182,72 @@ class _Cursor:
             self.gaps = dict(sorted(self.gaps.items())[-MAX_GAPS:])
 
 
-def _vector_of(model: str) -> Any:
-    # Rows of every model are read (ids only for the others) so that a missing id is a gap.
-    return case((Embedding.model == model, Embedding.vector), else_=None)
+@dataclass(frozen=True)
+class Source:
+    """The SQL an index follows: a table of vectors and the log of their deletions.
 
+    Both tables have the column shard_key, which picks the shard a vector lives in.
+    """
 
-def _rows_after(session: Session, model: str, after: int) -> Sequence[Any]:
-    """(id, created_at, tenant_id, vector or None) of the next rows of any model above `after`."""
-    stmt = (
-        select(Embedding.id, Embedding.created_at, Embedding.tenant_id, _vector_of(model))
-        .where(Embedding.id > after)
-        .order_by(Embedding.id)
-        .limit(READ_CHUNK)
-    )
-    return session.execute(stmt).all()
+    name: str  # "" keeps the index in the directory itself, else in a folder of this name
+    rows: Any  # ORM class with id, created_at, model, vector and the shard key
+    deletions: Any  # ORM class with id, embedding_id, model, deleted_at and the shard key
+    shard_key: str
 
+    def vector_of(self, model: str) -> Any:
+        # Rows of every model are read (ids only for the others), so a missing id is a gap.
+        return case((self.rows.model == model, self.rows.vector), else_=None)
 
-def _rows_by_ids(session: Session, model: str, ids: Collection[int]) -> list[Any]:
-    """(id, tenant_id, vector or None) of the rows that exist among ids."""
-    found: list[Any] = []
-    for chunk in _chunks(sorted(ids), IN_CHUNK):
-        stmt = select(Embedding.id, Embedding.tenant_id, _vector_of(model)).where(
-            Embedding.id.in_(chunk)
+    def rows_after(self, session: Session, model: str, after: int) -> Sequence[Any]:
+        """(id, created_at, shard, vector or None) of the next rows of any model above after."""
+        rows = self.rows
+        stmt = (
+            select(rows.id, rows.created_at, getattr(rows, self.shard_key), self.vector_of(model))
+            .where(rows.id > after)
+            .order_by(rows.id)
+            .limit(READ_CHUNK)
         )
-        found.extend(session.execute(stmt).all())
-    return found
+        return session.execute(stmt).all()
+
+    def rows_by_ids(self, session: Session, model: str, ids: Collection[int]) -> list[Any]:
+        """(id, shard, vector or None) of the rows that exist among ids."""
+        rows = self.rows
+        found: list[Any] = []
+        for chunk in _chunks(sorted(ids), IN_CHUNK):
+            stmt = select(rows.id, getattr(rows, self.shard_key), self.vector_of(model)).where(
+                rows.id.in_(chunk)
+            )
+            found.extend(session.execute(stmt).all())
+        return found
+
+    def _deletion_columns(self) -> tuple[Any, ...]:
+        log = self.deletions
+        return (log.id, log.embedding_id, log.model, getattr(log, self.shard_key), log.deleted_at)
+
+    def deletions_after(self, session: Session, after: int) -> Sequence[Any]:
+        log = self.deletions
+        stmt = (
+            select(*self._deletion_columns())
+            .where(log.id > after)
+            .order_by(log.id)
+            .limit(READ_CHUNK)
+        )
+        return session.execute(stmt).all()
+
+    def deletions_by_ids(self, session: Session, ids: Collection[int]) -> list[Any]:
+        found: list[Any] = []
+        for chunk in _chunks(sorted(ids), IN_CHUNK):
+            stmt = select(*self._deletion_columns()).where(self.deletions.id.in_(chunk))
+            found.extend(session.execute(stmt).all())
+        return found
+
+    def newest_deletion(self, session: Session) -> int:
+        return session.execute(select(func.max(self.deletions.id))).scalar() or 0
 
 
-_DELETION_COLUMNS = (
-    EmbeddingDeletion.id,
-    EmbeddingDeletion.embedding_id,
-    EmbeddingDeletion.model,
-    EmbeddingDeletion.tenant_id,
-    EmbeddingDeletion.deleted_at,
-)
-
-
-def _deletions_after(session: Session, after: int) -> Sequence[Any]:
-    stmt = (
-        select(*_DELETION_COLUMNS)
-        .where(EmbeddingDeletion.id > after)
-        .order_by(EmbeddingDeletion.id)
-        .limit(READ_CHUNK)
-    )
-    return session.execute(stmt).all()
-
-
-def _deletions_by_ids(session: Session, ids: Collection[int]) -> list[Any]:
-    found: list[Any] = []
-    for chunk in _chunks(sorted(ids), IN_CHUNK):
-        stmt = select(*_DELETION_COLUMNS).where(EmbeddingDeletion.id.in_(chunk))
-        found.extend(session.execute(stmt).all())
-    return found
+# Past generations, one shard per tenant; documents' chunks, one shard per collection.
+GENERATIONS = Source("", Embedding, EmbeddingDeletion, "tenant_id")
+CHUNKS = Source("chunks", ChunkEmbedding, ChunkEmbeddingDeletion, "collection_id")
 
 
 @contextmanager
@@ -307,6 +324,7 @@ class VectorIndex:
         persist_every: int = 1000,
         settle_s: float = 300.0,
         policy: ShardPolicy | None = None,
+        source: Source = GENERATIONS,
     ) -> None:
         if dimension < 1:
             raise ValueError(f"dimension must be >= 1, got {dimension}")
@@ -319,7 +337,8 @@ class VectorIndex:
         self.persist_every = persist_every
         self.settle_s = settle_s
         self.policy = policy or ShardPolicy()
-        self.directory = Path(directory) / _file_stem(model)
+        self.source = source
+        self.directory = Path(directory) / source.name / _file_stem(model)
         self.manifest_path = self.directory / "manifest.json"
         self.lock_path = self.directory / "files.lock"
         self.writer_lock_path = self.directory / "writer.lock"
@@ -432,12 +451,13 @@ class VectorIndex:
         k: int,
         accept: Accept,
         *,
-        tenant_id: int | None = None,
+        shard: int | None = None,
         allowed: Collection[int] | None = None,
     ) -> list[tuple[int, float]]:
         """The top-k (id, score) by inner product among the ids that accept approves.
 
-        tenant_id picks the tenant's shard (None: every shard). accept gets candidate ids
+        shard picks one shard (a tenant's, or a collection's in the chunk index; None:
+        every shard). accept gets candidate ids
         (each once per search) and returns those the caller allows (its tenant, its SQL
         filters, rows that still exist). Candidates are fetched in widening rounds until k
         are accepted or the shard was searched through. With allowed (the ids a selective
@@ -452,7 +472,7 @@ class VectorIndex:
             if not subset.size:
                 return []
         with self._index_lock:
-            tenants = [tenant_id] if tenant_id is not None else sorted(self._shards)
+            tenants = [shard] if shard is not None else sorted(self._shards)
         verdicts: dict[int, bool] = {}
         hits: list[tuple[int, float]] = []
         for tenant in tenants:
@@ -745,7 +765,7 @@ class VectorIndex:
     def _reset(self, session: Session) -> None:
         """Start from an empty index. Rows are read from the start; of the deletion log only
         the tail, whose in-flight entries may delete rows the build still reads."""
-        newest = session.execute(select(func.max(EmbeddingDeletion.id))).scalar() or 0
+        newest = self.source.newest_deletion(session)
         with self._index_lock:
             self._shards = {}
         self._persisted = {}
@@ -765,7 +785,7 @@ class VectorIndex:
 
     def _add_new_rows(self, session: Session) -> int:
         added = 0
-        while rows := _rows_after(session, self.model, self._rows.last_id):
+        while rows := self.source.rows_after(session, self.model, self._rows.last_id):
             for row_id, created_at, _, _ in rows:
                 self._rows.advance(row_id, created_at, self.settle_s)
             added += self._apply(
@@ -778,7 +798,7 @@ class VectorIndex:
     def _fill_row_gaps(self, session: Session) -> int:
         if not self._rows.gaps:
             return 0
-        found = _rows_by_ids(session, self.model, list(self._rows.gaps))
+        found = self.source.rows_by_ids(session, self.model, list(self._rows.gaps))
         self._rows.settle(row_id for row_id, _, _ in found)
         late = [row for row in found if row[2] is not None]
         if late:
@@ -797,7 +817,9 @@ class VectorIndex:
         # to the next insert, so a logged id may belong to a live row again.
         live = [
             row
-            for row in _rows_by_ids(session, self.model, {row_id for row_id, _ in deleted})
+            for row in self.source.rows_by_ids(
+                session, self.model, {row_id for row_id, _ in deleted}
+            )
             if row[2] is not None and row[0] <= self._rows.last_id
         ]
         return self._apply(add=live, remove=sorted(deleted, key=lambda pair: pair[0]))
@@ -805,14 +827,14 @@ class VectorIndex:
     def _read_deletions(self, session: Session) -> list[tuple[int, str, int | None]]:
         """(embedding_id, model, tenant_id) of deletion-log rows not applied yet."""
         rows: list[Any] = []
-        while chunk := _deletions_after(session, self._deletions.last_id):
+        while chunk := self.source.deletions_after(session, self._deletions.last_id):
             for log_id, *_, deleted_at in chunk:
                 self._deletions.advance(log_id, deleted_at, self.settle_s)
             rows.extend(chunk)
             if len(chunk) < READ_CHUNK:
                 break
         if self._deletions.gaps:
-            late = _deletions_by_ids(session, list(self._deletions.gaps))
+            late = self.source.deletions_by_ids(session, list(self._deletions.gaps))
             self._deletions.settle(row[0] for row in late)
             rows.extend(late)
         return [(row[1], row[2], row[3]) for row in rows]

@@ -9,6 +9,7 @@ ranking documents that match more and rarer words higher.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,15 +18,22 @@ from sqlalchemy.dialects.postgresql import REGCONFIG
 from sqlalchemy.orm import Session
 
 from service.db import crud
-from service.db.tables import Generation
+from service.db.tables import Chunk, Generation
 
 MAX_TERMS = 64
 # Objects migration 0002 makes outside the ORM, per dialect; the schema check skips them.
-KEYWORD_COLUMNS = frozenset({"search_rowid", "prompt_tsv", "output_tsv"})
+KEYWORD_COLUMNS = frozenset({"search_rowid", "prompt_tsv", "output_tsv", "text_tsv"})
 KEYWORD_INDEXES = frozenset(
-    {"ix_generations_search_rowid", "ix_generations_prompt_tsv", "ix_generations_output_tsv"}
+    {
+        "ix_generations_search_rowid",
+        "ix_generations_prompt_tsv",
+        "ix_generations_output_tsv",
+        "ix_chunks_text_tsv",
+    }
 )
 KEYWORD_TABLE_PREFIX = "generations_fts"
+CHUNK_TABLE_PREFIX = "chunks_fts"  # migration 0006
+KEYWORD_TABLE_PREFIXES = (KEYWORD_TABLE_PREFIX, CHUNK_TABLE_PREFIX)
 
 _WORD = re.compile(r"\w+")
 # Words too common to say anything; PostgreSQL's 'english' configuration drops them too.
@@ -45,6 +53,12 @@ STOPWORDS = frozenset(
 class KeywordHit:
     generation_id: str
     score: float  # BM25 on SQLite, ts_rank on PostgreSQL: higher is better
+
+
+@dataclass(frozen=True)
+class ChunkHit:
+    chunk_id: int
+    score: float  # as KeywordHit's
 
 
 def query_terms(query: str) -> list[str]:
@@ -120,3 +134,40 @@ def _postgres(
         .limit(limit)
     )
     return [KeywordHit(gid, float(score)) for gid, score in session.execute(stmt)]
+
+
+def keyword_chunks(
+    session: Session,
+    *,
+    collection_ids: Sequence[int],
+    query: str,
+    limit: int,
+    where: Sequence[ColumnElement[bool]] = (),
+) -> list[ChunkHit]:
+    """The chunks of the collections that contain words of the query, best first.
+
+    where: further conditions on Chunk (and Document, which the caller joins in them).
+    """
+    terms = query_terms(query)
+    if not terms or not collection_ids:
+        return []
+    conditions = [Chunk.collection_id.in_(list(collection_ids)), *where]
+    if session.get_bind().dialect.name == "postgresql":
+        tsquery = func.to_tsquery(literal("english").cast(REGCONFIG), " | ".join(terms))
+        vector: ColumnElement[Any] = literal_column("chunks.text_tsv")
+        rank = func.ts_rank(vector, tsquery, 1)
+        stmt = select(Chunk.id, rank).where(vector.op("@@")(tsquery), *conditions)
+        stmt = stmt.order_by(rank.desc(), Chunk.id).limit(limit)
+        return [ChunkHit(cid, float(score)) for cid, score in session.execute(stmt)]
+    fts = table(CHUNK_TABLE_PREFIX, column("rowid"))
+    match = " OR ".join(f'"{term}"' for term in terms)
+    bm25 = func.bm25(literal_column(CHUNK_TABLE_PREFIX))
+    stmt = (
+        select(Chunk.id, bm25)
+        .select_from(fts)
+        .join(Chunk, Chunk.id == fts.c.rowid)
+        .where(literal_column(CHUNK_TABLE_PREFIX).op("MATCH")(match), *conditions)
+        .order_by(bm25, Chunk.id)
+        .limit(limit)
+    )
+    return [ChunkHit(cid, -float(score)) for cid, score in session.execute(stmt)]

@@ -246,8 +246,17 @@ PATH_OBJECTS = {
     ("/v1/models/", "model"): "model",
     ("/v1/models/", "name"): "model",
     ("/v1/models/", "version"): "version",
+    ("/v1/collections/", "collection"): "collection",
+    ("/v1/collections/", "document_id"): "document",
+    ("/v1/collections/", "ingestion_id"): "ingestion",
 }
-BODIES = {("POST", "/v1/chat/completions/{completion_id}"): {"metadata": {"k": "v"}}}
+BODIES = {
+    ("POST", "/v1/chat/completions/{completion_id}"): {"metadata": {"k": "v"}},
+    ("POST", "/v1/collections/{collection}/documents"): {
+        "documents": [{"id": "b", "text": "tenant B's document"}]
+    },
+    ("POST", "/v1/collections/{collection}/search"): {"query": "isolation probe"},
+}
 
 
 def _objects_of_a_tenant(client: httpx.Client) -> dict[str, str]:
@@ -297,9 +306,18 @@ def _objects_of_a_tenant(client: httpx.Client) -> dict[str, str]:
         },
     ).json()
     key = client.post("/v1/keys", json={"role": "reader"}).json()
+    collection = client.post("/v1/collections", json={"name": "iso-docs"}).json()
+    ingestion = client.post(
+        f"/v1/collections/{collection['id']}/documents",
+        json={"documents": [{"id": "iso", "text": "isolation probe document"}]},
+    ).json()
     deadline = time.monotonic() + 120
     while client.get(f"/v1/training-jobs/{training['id']}").json()["status"] != "succeeded":
         assert time.monotonic() < deadline, "the training job did not succeed"
+        time.sleep(0.3)
+    documents = f"/v1/collections/{collection['id']}/documents"
+    while not (listed := client.get(documents).json()["data"]):
+        assert time.monotonic() < deadline, "the document was not ingested"
         time.sleep(0.3)
     return {
         "job": job["id"],
@@ -312,6 +330,9 @@ def _objects_of_a_tenant(client: httpx.Client) -> dict[str, str]:
         "model": "iso-rnn",
         "version": "1",
         "key": str(key["id"]),
+        "collection": str(collection["id"]),
+        "document": listed[0]["id"],
+        "ingestion": ingestion["id"],
     }
 
 
@@ -358,6 +379,8 @@ def test_another_tenant_gets_404_on_every_route_and_sees_nothing_in_lists(live: 
     with live.service.client(admin_a) as a:  # nothing of A's was changed by B
         assert a.get(f"/v1/generations/{objects['generation']}").status_code == 200
         assert a.get(f"/v1/keys/{objects['key']}").json()["revoked_at"] is None
+        document = f"/v1/collections/{objects['collection']}/documents/{objects['document']}"
+        assert a.get(document).status_code == 200
         assert a.get(f"/v1/files/{objects['file']}").status_code == 200
         assert a.get(f"/v1/jobs/{objects['job']}").json()["status"] == before["job"]
         assert a.get(f"/v1/chat/completions/{objects['completion']}").json()["metadata"] != {

@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 from service.db.migrate import alembic_config, downgrade, upgrade
 from service.db.session import make_engine
 from service.db.tables import Base
-from service.search.keyword import KEYWORD_COLUMNS, KEYWORD_INDEXES, KEYWORD_TABLE_PREFIX
+from service.search.keyword import KEYWORD_COLUMNS, KEYWORD_INDEXES, KEYWORD_TABLE_PREFIXES
 
 TABLES = {
     "tenants",
@@ -41,9 +41,9 @@ def _tables(url: str) -> set[str]:
 
 
 def _outside_the_orm(obj: object, name: str | None, type_: str, *_: object) -> bool:
-    """The keyword-search objects of migration 0002 are per dialect, not ORM tables."""
+    """The keyword-search objects of migrations 0002 and 0006 are per dialect, not ORM tables."""
     if type_ == "table":
-        return not (name or "").startswith(KEYWORD_TABLE_PREFIX)
+        return not (name or "").startswith(KEYWORD_TABLE_PREFIXES)
     if type_ == "column":
         return name not in KEYWORD_COLUMNS
     return not (type_ == "index" and name in KEYWORD_INDEXES)

@@ -554,10 +554,10 @@ def test_each_tenant_searches_its_own_shard_only(
     assert set(index.shard_kinds()) == {corpus.big.tenant_id, corpus.small.tenant_id}
     for query in unit_vectors(np.random.default_rng(31), 3):
         # accept_all: the shard alone keeps the other tenant's rows out.
-        hits = index.search(query, 10, accept_all, tenant_id=corpus.small.tenant_id)
+        hits = index.search(query, 10, accept_all, shard=corpus.small.tenant_id)
         small = corpus.ids_of(corpus.small)
         assert_same_hits(hits, brute_force(corpus.vectors, query, 10, small))
-    assert index.search(query, 5, accept_all, tenant_id=999_999) == []
+    assert index.search(query, 5, accept_all, shard=999_999) == []
 
 
 def test_large_shard_is_ivf_and_a_subset_search_is_exact(
@@ -572,13 +572,11 @@ def test_large_shard_is_ivf_and_a_subset_search_is_exact(
     for size in (1, 15, 150):  # 0.1% to 10% of the shard
         subset = set(rng.choice(big, size=size, replace=False).tolist())
         for query in unit_vectors(rng, 3):
-            hits = index.search(
-                query, 10, accept_all, tenant_id=corpus.big.tenant_id, allowed=subset
-            )
+            hits = index.search(query, 10, accept_all, shard=corpus.big.tenant_id, allowed=subset)
             assert_same_hits(hits, brute_force(corpus.vectors, query, 10, subset))
     # Unfiltered, IVF is approximate but finds a vector's own row.
     for row_id in big[:20]:
-        hits = index.search(corpus.vectors[row_id], 1, accept_all, tenant_id=corpus.big.tenant_id)
+        hits = index.search(corpus.vectors[row_id], 1, accept_all, shard=corpus.big.tenant_id)
         assert hits[0][0] == row_id
 
 
@@ -590,8 +588,8 @@ def test_ivf_index_persists_and_loads(sqlite_db: sessionmaker[Session], tmp_path
     assert not reopened.rebuilt and reopened.shard_kinds() == first.shard_kinds()
     query = unit_vectors(np.random.default_rng(41), 1)[0]
     tenant = corpus.big.tenant_id
-    assert reopened.search(query, 10, accept_all, tenant_id=tenant) == first.search(
-        query, 10, accept_all, tenant_id=tenant
+    assert reopened.search(query, 10, accept_all, shard=tenant) == first.search(
+        query, 10, accept_all, shard=tenant
     )
 
 
@@ -624,7 +622,7 @@ def test_shard_grows_into_ivf_and_keeps_changes_made_during_the_rebuild(
     assert index.ntotal == len(corpus.vectors)
     big = corpus.ids_of(corpus.big)
     for query in unit_vectors(rng, 3):  # exhaustive over the subset: exact on IVF too
-        hits = index.search(query, 10, accept_all, tenant_id=corpus.big.tenant_id, allowed=big)
+        hits = index.search(query, 10, accept_all, shard=corpus.big.tenant_id, allowed=big)
         assert_same_hits(hits, brute_force(corpus.vectors, query, 10, big))
 
 

@@ -95,8 +95,8 @@ def test_earlier_turns_are_given_to_the_model(sqlite_url: str, runtime: ModelRun
         )
         history = crud.ancestors(session, generation_id=second.parent_generation_id)
         model = runtime.chat_model("tiny-random-llama")
-        with_history = model.tokenizer.decode(encode_job(model, second, history))
-        alone = model.tokenizer.decode(encode_job(model, second, []))
+        with_history = model.tokenizer.decode(encode_job(model, second, history)[0])
+        alone = model.tokenizer.decode(encode_job(model, second, [])[0])
     assert "My name is Ann." in with_history and "What is my name?" in with_history
     assert "My name is Ann." not in alone
 

@@ -12,7 +12,7 @@ from service import files
 from service.api.deps import CallerDep, SessionDep, WriterDep, audit
 from service.api.errors import ERROR_RESPONSES, NotFound
 from service.api.routes.listing import Cursor, Limit, list_filters
-from service.api.schemas import GenerationPublic, Page, content_files
+from service.api.schemas import GenerationPublic, Page, SourceList, SourcePublic, content_files
 from service.db import crud
 from service.db.tables import Generation
 
@@ -87,3 +87,32 @@ def delete_generation(generation_id: str, caller: WriterDep, session: SessionDep
     crud.delete_job(session, job=row.job)
     audit(session, caller, "generation.delete", row.id, job_id=row.job_id)
     session.commit()
+
+
+@router.get("/{generation_id}/sources", response_model=SourceList)
+def read_generation_sources(
+    generation_id: str, caller: CallerDep, session: SessionDep
+) -> SourceList:
+    """The passages a grounded generation was given, numbered as its answer cites them,
+    with where each came from, how it ranked, and whether the answer cites it. Empty for a
+    generation that was not grounded."""
+    row = _get_generation(session, caller.tenant_id, generation_id)
+    return SourceList(
+        generation_id=row.id,
+        data=[
+            SourcePublic(
+                number=source.number,
+                rank=source.rank,
+                score=source.score,
+                scores=source.scores,
+                cited=source.cited,
+                collection_id=source.collection_id,
+                document_id=source.document_id,
+                chunk_id=source.chunk_id,
+                source_generation_id=source.source_generation_id,
+                title=source.title,
+                text=source.text,
+            )
+            for source in row.sources
+        ],
+    )

@@ -25,6 +25,7 @@ from service.api.deps import (
     WriterDep,
 )
 from service.api.errors import ERROR_RESPONSES, Conflict, InvalidRequest, NotFound
+from service.api.routes.collections import RetrieverDep
 from service.api.routes.listing import Cursor, Limit, list_filters
 from service.api.schemas import JobCreate, JobPublic, Page
 from service.db import crud
@@ -106,6 +107,23 @@ def _thread(session: Session, tenant_id: int, job_in: JobCreate) -> tuple[str | 
     return None, None
 
 
+def _question(job_in: JobCreate) -> str:
+    """What a grounded job retrieves for: its prompt, or its last message."""
+    if job_in.model not in REGISTRY:
+        raise InvalidRequest(
+            "rag grounds language models; trained models take no passages",
+            param="rag",
+            code="unsupported_input",
+        )
+    if job_in.input.raw:
+        raise InvalidRequest(
+            "rag puts passages into a chat turn; a raw prompt has none",
+            param="input.raw",
+            code="unsupported_input",
+        )
+    return job_in.input.text()
+
+
 def _request_hash(job_in: JobCreate) -> str:
     return hashlib.sha256(job_in.model_dump_json().encode()).hexdigest()
 
@@ -129,6 +147,7 @@ def create_job(
     publisher: PublisherDep,
     served: ServedModelsDep,
     limits: LimitsDep,
+    retriever: RetrieverDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobPublic:
@@ -141,6 +160,14 @@ def create_job(
         return JobPublic.from_row(job)
     conversation_id, parent_id = _thread(session, caller.tenant_id, job_in)
     admit(session, tenant_id=caller.tenant_id, max_queued=limits.max_queued_jobs_per_tenant)
+    context = None
+    if job_in.rag is not None:
+        context = retriever.ground(
+            session,
+            tenant_id=caller.tenant_id,
+            options=job_in.rag.model_dump(mode="json"),
+            question=_question(job_in),
+        )
     request = JobRequest(
         model=model,
         queue=job_in.queue,
@@ -151,6 +178,7 @@ def create_job(
         parent_generation_id=parent_id,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        context=context,
     )
     try:
         job = store_job(session, tenant_id=caller.tenant_id, request=request)

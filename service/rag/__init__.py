@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: collections of documents, their chunks, and grounded answers."""
