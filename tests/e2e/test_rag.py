@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -44,6 +45,22 @@ PASTA = [
 ]
 
 
+@dataclass(frozen=True)
+class Tenant:
+    writer: str
+    reader: str
+
+
+@pytest.fixture(scope="module")
+def tenant(live: Live) -> Tenant:
+    """A tenant of this module's own: its answers stay out of the other modules' searches."""
+    name = f"rag{uuid.uuid4().hex[:8]}"
+    return Tenant(
+        writer=live.service.create_key(name, "writer"),
+        reader=live.service.create_key(name, "reader"),
+    )
+
+
 def _collection(client: httpx.Client, **body: Any) -> dict[str, Any]:
     name = f"c{uuid.uuid4().hex[:10]}"
     answer = client.post("/v1/collections", json={"name": name, **body})
@@ -70,9 +87,9 @@ def _search(client: httpx.Client, collection: int, query: str, **body: Any) -> l
 
 
 @pytest.fixture(scope="module")
-def filled(live: Live) -> dict[str, Any]:
+def filled(live: Live, tenant: Tenant) -> dict[str, Any]:
     """A collection of acme's with a Markdown file, a JSONL file and two JSON documents."""
-    with live.service.client(live.writer) as client:
+    with live.service.client(tenant.writer) as client:
         collection = _collection(client, chunking={"max_tokens": 32, "overlap_tokens": 4})
         jsonl = "".join(
             json.dumps({"id": f"j{n}", "title": f"Note {n}", "text": text}) + "\n"
@@ -93,7 +110,9 @@ def filled(live: Live) -> dict[str, Any]:
     return {"collection": collection, "files": first, "json": second}
 
 
-def test_ingestion_reports_progress_and_documents_are_listed(live: Live, filled: dict) -> None:
+def test_ingestion_reports_progress_and_documents_are_listed(
+    live: Live, tenant: Tenant, filled: dict
+) -> None:
     files, inline = filled["files"], filled["json"]
     assert files["status"] == "succeeded", files
     assert files["progress"]["stage"] == "done"
@@ -102,7 +121,7 @@ def test_ingestion_reports_progress_and_documents_are_listed(live: Live, filled:
     assert inline["progress"]["documents"]["created"] == 2
     assert files["progress"]["chunks"] >= 3  # the Markdown file is cut in two or more
     collection = filled["collection"]["id"]
-    with live.service.client(live.reader) as client:
+    with live.service.client(tenant.reader) as client:
         listed = client.get(f"/v1/collections/{collection}/documents", params={"limit": 100})
         assert listed.status_code == 200
         by_id = {doc["external_id"]: doc for doc in listed.json()["data"]}
@@ -122,7 +141,9 @@ def test_ingestion_reports_progress_and_documents_are_listed(live: Live, filled:
 
 
 @pytest.mark.parametrize("mode", ["vector", "keyword", "hybrid"])
-def test_search_ranks_the_right_passage_first(live: Live, filled: dict, mode: str) -> None:
+def test_search_ranks_the_right_passage_first(
+    live: Live, tenant: Tenant, filled: dict, mode: str
+) -> None:
     collection = filled["collection"]["id"]
     query = {
         "vector": "how do I make a sauce for spaghetti",
@@ -130,7 +151,7 @@ def test_search_ranks_the_right_passage_first(live: Live, filled: dict, mode: st
         "hybrid": "why do volcanoes erupt magma",
     }[mode]
     expected = {"vector": "pasta", "keyword": "gears", "hybrid": "volcano.md"}[mode]
-    with live.service.client(live.reader) as client:
+    with live.service.client(tenant.reader) as client:
         hits = _search(client, collection, query, mode=mode, k=3)
     assert hits and hits[0]["external_id"] == expected, hits
     top = hits[0]
@@ -140,17 +161,19 @@ def test_search_ranks_the_right_passage_first(live: Live, filled: dict, mode: st
     assert (parts["keyword"] is not None) == (mode == "keyword") or mode == "hybrid"
 
 
-def test_filters_narrow_the_search(live: Live, filled: dict) -> None:
+def test_filters_narrow_the_search(live: Live, tenant: Tenant, filled: dict) -> None:
     collection = filled["collection"]["id"]
-    with live.service.client(live.reader) as client:
+    with live.service.client(tenant.reader) as client:
         hits = _search(
             client, collection, "tomatoes garlic", filters={"metadata": {"topic": "cycling"}}
         )
     assert {hit["external_id"] for hit in hits} == {"gears"}
 
 
-def test_same_document_again_is_unchanged_and_a_new_version_replaces_it(live: Live) -> None:
-    with live.service.client(live.writer) as client:
+def test_same_document_again_is_unchanged_and_a_new_version_replaces_it(
+    live: Live, tenant: Tenant
+) -> None:
+    with live.service.client(tenant.writer) as client:
         collection = _collection(client)["id"]
         url = f"/v1/collections/{collection}/documents"
         doc = {"id": "d", "title": "Moon", "text": "The moon orbits the earth every month."}
@@ -177,8 +200,8 @@ def test_same_document_again_is_unchanged_and_a_new_version_replaces_it(live: Li
         assert client.get(f"/v1/collections/{collection}").status_code == 404
 
 
-def test_bad_requests_get_clear_errors(live: Live) -> None:
-    with live.service.client(live.writer) as client:
+def test_bad_requests_get_clear_errors(live: Live, tenant: Tenant) -> None:
+    with live.service.client(tenant.writer) as client:
         collection = _collection(client)
         url = f"/v1/collections/{collection['id']}/documents"
         cases = [
@@ -226,12 +249,12 @@ def test_bad_requests_get_clear_errors(live: Live) -> None:
     assert "line 1" in cases[4][0].json()["error"]["message"]
 
 
-def test_grounded_answer_keeps_its_sources(live: Live, filled: dict) -> None:
+def test_grounded_answer_keeps_its_sources(live: Live, tenant: Tenant, filled: dict) -> None:
     """A native job and an OpenAI chat completion, grounded: the passages are stored with
     the generation, numbered and ranked, and can be read back and found by search."""
     collection = filled["collection"]
     question = "What drives volcanic eruptions?"
-    with live.service.client(live.writer) as client:
+    with live.service.client(tenant.writer) as client:
         job = client.post(
             "/v1/jobs",
             json={
@@ -290,8 +313,8 @@ def test_grounded_answer_keeps_its_sources(live: Live, filled: dict) -> None:
         assert missing.json()["error"]["param"] == "rag.collections[0]"
 
 
-def test_history_collection_retrieves_past_answers(live: Live) -> None:
-    with live.service.client(live.writer) as client:
+def test_history_collection_retrieves_past_answers(live: Live, tenant: Tenant) -> None:
+    with live.service.client(tenant.writer) as client:
         past = client.post(
             "/v1/jobs",
             json={
@@ -306,10 +329,10 @@ def test_history_collection_retrieves_past_answers(live: Live) -> None:
         assert hits[0]["generation_id"] == earlier and hits[0]["document_id"] is None
 
 
-def test_smollm2_answers_from_the_passages(live: Live, filled: dict) -> None:
+def test_smollm2_answers_from_the_passages(live: Live, tenant: Tenant, filled: dict) -> None:
     if live.backend != "sqlite":
         pytest.skip("the real model runs once, on the embedded backend")
-    with live.service.client(live.writer) as client:
+    with live.service.client(tenant.writer) as client:
         job = client.post(
             "/v1/jobs",
             json={
@@ -327,7 +350,7 @@ def test_smollm2_answers_from_the_passages(live: Live, filled: dict) -> None:
         assert generation["output"].strip()
 
 
-def test_cli_ingests_a_folder(live: Live, tmp_path) -> None:  # noqa: ANN001
+def test_cli_ingests_a_folder(live: Live, tenant: Tenant, tmp_path) -> None:  # noqa: ANN001
     if live.backend != "sqlite":
         pytest.skip("one backend is enough for the client command")
     (tmp_path / "a.md").write_text("# Tides\n\nThe moon pulls the sea into tides.\n")
@@ -337,14 +360,18 @@ def test_cli_ingests_a_folder(live: Live, tmp_path) -> None:  # noqa: ANN001
     name = f"cli{uuid.uuid4().hex[:8]}"
     done = subprocess.run(
         [sys.executable, "-m", "service.cli", "ingest", str(tmp_path), "--collection", name],
-        env={**os.environ, "GENSERVE_URL": live.service.base_url, "GENSERVE_API_KEY": live.writer},
+        env={
+            **os.environ,
+            "GENSERVE_URL": live.service.base_url,
+            "GENSERVE_API_KEY": tenant.writer,
+        },
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "uploaded 2 files" in done.stdout
-    with live.service.client(live.reader) as client:
+    with live.service.client(tenant.reader) as client:
         listed = client.get(f"/v1/collections/{name}/documents").json()["data"]
         assert sorted(doc["external_id"] for doc in listed) == ["a.md", "b.txt"]
         assert _search(client, name, "comet tails", mode="keyword")[0]["external_id"] == "b.txt"
