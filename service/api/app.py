@@ -91,6 +91,7 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             model=spec.name,
             cache_dir=settings.models_dir,
             device="cpu",
+            runtime=settings.embedding_runtime,
         )
         app.state.retriever = Retriever(
             chunk_index=chunk_index,

@@ -9,20 +9,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-    from models.backends.sentence import SentenceEmbedder
+    from models.backends.sentence import Embedder
 
 
 class LazyEmbedder:
     """Loads the embedding model the first time a query is embedded (never at import)."""
 
-    def __init__(self, *, model: str, cache_dir: Path, device: str = "cpu") -> None:
+    def __init__(
+        self, *, model: str, cache_dir: Path, device: str = "cpu", runtime: str = "torch"
+    ) -> None:
         self.model = model
+        self.runtime = runtime
         self._cache_dir = cache_dir
         self._device = device
-        self._loaded: SentenceEmbedder | None = None
+        self._loaded: Embedder | None = None
         self._lock = threading.Lock()
 
-    def _load(self) -> SentenceEmbedder:
+    def _load(self) -> Embedder:
         with self._lock:
             if self._loaded is None:
                 from models.backends import load_model, select_device
@@ -30,7 +33,11 @@ class LazyEmbedder:
 
                 device, dtype = select_device(self._device)
                 loaded = load_model(
-                    get_spec(self.model), cache_dir=self._cache_dir, device=device, dtype=dtype
+                    get_spec(self.model),
+                    cache_dir=self._cache_dir,
+                    device=device,
+                    dtype=dtype,
+                    runtime=self.runtime,
                 )
                 self._loaded = loaded  # type: ignore[assignment]
             assert self._loaded is not None

@@ -13,7 +13,7 @@ import numpy as np
 
 from models.backends import classic, load_model, select_device
 from models.backends.causal_lm import CausalLM
-from models.backends.sentence import SentenceEmbedder
+from models.backends.sentence import Embedder
 from models.registry import get_spec
 from workers.engine.engine import Engine, EngineLimits
 
@@ -29,12 +29,19 @@ class ModelRuntime:
         cache_dir: Where loaders keep converted weights.
         device: "auto", "cpu", "cuda" or "cuda:N" (models.backends.select_device).
         limits: Batch limits of the engine.
+        embedding_runtime: How embedding models run on a CPU (models.backends.sentence).
     """
 
     def __init__(
-        self, *, cache_dir: Path, device: str = "auto", limits: EngineLimits | None = None
+        self,
+        *,
+        cache_dir: Path,
+        device: str = "auto",
+        limits: EngineLimits | None = None,
+        embedding_runtime: str = "torch",
     ) -> None:
         self.cache_dir = cache_dir
+        self.embedding_runtime = embedding_runtime
         self.device, self.dtype = select_device(device)
         self.engine = Engine(limits)
         self._models: dict[str, Any] = {}
@@ -46,8 +53,10 @@ class ModelRuntime:
         with self._lock:
             if name not in self._models:
                 started = time.perf_counter()
+                spec = get_spec(name)
+                options = {"runtime": self.embedding_runtime} if spec.task == "embedding" else {}
                 self._models[name] = load_model(
-                    get_spec(name), cache_dir=self.cache_dir, device=self.device, dtype=self.dtype
+                    spec, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, **options
                 )
                 logger.info(
                     "loaded %s on %s in %.1fs", name, self.device, time.perf_counter() - started
@@ -59,9 +68,9 @@ class ModelRuntime:
         assert isinstance(model, CausalLM), f"{name} is not a chat model"
         return model
 
-    def embedder(self, name: str) -> SentenceEmbedder:
-        model = self._get(name)
-        assert isinstance(model, SentenceEmbedder), f"{name} is not an embedding model"
+    def embedder(self, name: str) -> Embedder:
+        assert get_spec(name).task == "embedding", f"{name} is not an embedding model"
+        model: Embedder = self._get(name)
         return model
 
     def trained_model(self, path: Path, sha256: str) -> classic.Trained:
