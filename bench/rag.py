@@ -33,6 +33,7 @@ import httpx
 from bench import scifact
 from bench.generate import free_port, machine, served, wait_up
 from bench.retrieval import ndcg_at, recall_at
+from service.config import Settings
 from service.rag.grounding import cited_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +197,8 @@ def main() -> None:
         "queries": len(queries),
         "k": args.k,
         "mode": args.mode,
+        # The server's, from the environment as `genserve serve` reads it.
+        "embedding_runtime": Settings().embedding_runtime,
         "machine": machine(),
     }
     del result["collection"]

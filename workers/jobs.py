@@ -65,19 +65,21 @@ def encode_job(
     # Grounded: the passages that fit beside the conversation, the instructions and the
     # answer's room, in this model's tokens.
     question = messages[-1]["content"]
-    framed = [
-        *messages[:-1],
-        {"role": "user", "content": grounding.grounded_question(question, [])},
-    ]
-    budget = model.context_length - job.params["max_tokens"] - len(model.encode_chat(framed))
+    room = model.context_length - job.params["max_tokens"]
+    framed = [*messages[:-1], {"role": "user", "content": grounding.frame(question)}]
+    budget = room - len(model.encode_chat(framed))
     limit = job.context["rag"].get("max_context_tokens")
     packed = grounding.pack(
         job.context["passages"],
         count_tokens=model.count_tokens,
         budget=min(budget, limit) if limit else budget,
     )
-    messages[-1] = {"role": "user", "content": grounding.grounded_question(question, packed)}
-    return model.encode_chat(messages), packed
+    while True:  # the blocks' tokens may not add up exactly to the whole turn's
+        messages[-1] = {"role": "user", "content": grounding.grounded_question(question, packed)}
+        ids = model.encode_chat(messages)
+        if len(ids) <= room or not packed:
+            return ids, packed
+        packed = packed[:-1]
 
 
 def _sources(generation: Generation, packed: list[grounding.Packed]) -> list[GenerationSource]:

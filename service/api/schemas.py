@@ -135,6 +135,12 @@ class SamplingParams(Strict):
         return value
 
 
+def _check_query(value: str) -> str:
+    if not value.strip():
+        raise ValueError("query must not be blank")
+    return value
+
+
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     encoded = json.dumps(value)
     if len(encoded) > MAX_METADATA_BYTES:
@@ -326,12 +332,7 @@ class SearchRequest(Strict):
     weights: SearchWeights = Field(default_factory=SearchWeights)
     cursor: str | None = Field(default=None, max_length=512)
 
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("query must not be blank")
-        return value
+    _query = field_validator("query")(_check_query)
 
 
 class ScorePart(BaseModel):
@@ -639,12 +640,7 @@ class CollectionSearchRequest(Strict):
     filters: DocumentFiltersIn = Field(default_factory=DocumentFiltersIn)
     weights: SearchWeights = Field(default_factory=SearchWeights)
 
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("query must not be blank")
-        return value
+    _query = field_validator("query")(_check_query)
 
 
 class PassagePublic(BaseModel):

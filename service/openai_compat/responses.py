@@ -56,6 +56,15 @@ def usage_of(generation: Generation) -> CompletionUsage:
     )
 
 
+def grounding(generation: Generation) -> dict[str, Any]:
+    """A grounded answer's extra fields: the sources it cites and its generation id (where
+    /v1/generations/{id}/sources lists all it was given); nothing for other answers."""
+    if not generation.sources:
+        return {}
+    cited = [Citation.from_source(source) for source in generation.sources if source.cited]
+    return {"citations": cited, "generation_id": generation.id}
+
+
 def chat_completion(job: Job, generation: Generation) -> ChatCompletion:
     return ChatCompletion(
         id=public_id("chat.completions", job.id),
@@ -70,12 +79,7 @@ def chat_completion(job: Job, generation: Generation) -> ChatCompletion:
         usage=usage_of(generation),
         system_fingerprint=generation.model_version,
         metadata=generation.meta if job.store else None,
-        citations=(
-            [Citation.from_source(source) for source in generation.sources if source.cited]
-            if generation.sources
-            else None
-        ),
-        generation_id=generation.id if generation.sources else None,
+        **grounding(generation),
     )
 
 

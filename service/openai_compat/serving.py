@@ -26,6 +26,7 @@ from service.follow import Delta, Finished, Idle, Restarted, follow_job
 from service.openai_compat.protocol import ChatCompletionRequest, CompletionRequest
 from service.openai_compat.responses import (
     failure_error,
+    grounding,
     response_body,
     sse,
     stream_chunk,
@@ -154,7 +155,12 @@ def _ending(job: Job, finished: Job, include_usage: bool) -> list[bytes]:
     if finished.status != "succeeded" or finished.generation is None:
         return [sse({"error": failure_error(finished)[1]})]
     generation = finished.generation
-    frames = [sse(stream_chunk(job, choice=_choice(job, "", generation.finish_reason)))]
+    last = stream_chunk(job, choice=_choice(job, "", generation.finish_reason))
+    extra = grounding(generation)
+    if extra:  # a grounded answer's citations ride on its last chunk
+        last["citations"] = [citation.model_dump() for citation in extra["citations"]]
+        last["generation_id"] = extra["generation_id"]
+    frames = [sse(last)]
     if include_usage:
         frames.append(sse(stream_chunk(job, usage=usage_of(generation))))
     return frames

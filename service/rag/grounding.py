@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.rag.retrieval import Passage
 
+# The instruction comes after the sources, next to the question: a small model follows
+# what it read last (SmolLM2-135M cited in 2 of 12 SciFact answers with it first, 10 last).
 INSTRUCTIONS = (
-    "Answer the question using only the numbered sources below. After each statement, "
-    "cite the sources that support it by number in square brackets, like [1] or [2][3]. "
-    "If the sources do not answer the question, say so."
+    "Answer the question in one or two sentences using only the sources above, and cite "
+    "the sources you use by number, as {numbers}. If the sources do not answer it, say so."
 )
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 
@@ -78,12 +79,22 @@ def pack(
 
 
 def grounded_question(question: str, packed: Sequence[Packed]) -> str:
-    """The user turn the model answers: instructions, the numbered sources, the question."""
+    """The user turn the model answers: the numbered sources, the question, then how to
+    answer and cite."""
     if not packed:
-        sources = "(no sources were found for this question)"
-    else:
-        sources = "\n\n".join(item.block() for item in packed)
-    return f"{INSTRUCTIONS}\n\nSources:\n\n{sources}\n\nQuestion: {question}"
+        return f"Question: {question}\n\nNo sources were found for this question; say so."
+    sources = "\n\n".join(item.block() for item in packed)
+    numbers = [f"[{item.number}]" for item in packed]
+    listed = numbers[0] if len(numbers) == 1 else ", ".join(numbers[:-1]) + " or " + numbers[-1]
+    instructions = INSTRUCTIONS.format(numbers=listed)
+    return f"Sources:\n\n{sources}\n\nQuestion: {question}\n\n{instructions}"
+
+
+def frame(question: str) -> str:
+    """The grounded turn without its sources: what the passages must leave room for."""
+    return f"Sources:\n\nQuestion: {question}\n\n" + INSTRUCTIONS.format(
+        numbers="[1], [2], [3], [4], [5], [6], [7], [8], [9] or [10]"
+    )
 
 
 def cited_numbers(answer: str) -> list[int]:

@@ -298,6 +298,23 @@ def test_grounded_answer_keeps_its_sources(live: Live, tenant: Tenant, filled: d
         sources = client.get(f"/v1/generations/{body['generation_id']}/sources").json()["data"]
         assert sources and all(source["document_id"] for source in sources)
 
+        streamed_body = {
+            "model": "tiny-random-llama",
+            "messages": [{"role": "user", "content": "Which birds hunt at night?"}],
+            "max_tokens": 4,
+            "stream": True,
+            "rag": {"collections": [collection["id"]], "k": 2},
+        }
+        with client.stream("POST", "/v1/chat/completions", json=streamed_body) as streamed:
+            chunks = [
+                json.loads(line.removeprefix("data: "))
+                for line in streamed.iter_lines()
+                if line.startswith("data: {")
+            ]
+        last = chunks[-1]  # the finishing chunk carries the grounding
+        assert last["choices"][0]["finish_reason"] and isinstance(last["citations"], list)
+        assert client.get(f"/v1/generations/{last['generation_id']}/sources").json()["data"]
+
         found = client.post("/v1/search", json={"query": question, "mode": "keyword"}).json()
         assert generation["id"] in [hit["generation"]["id"] for hit in found["data"]]
 

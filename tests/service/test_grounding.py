@@ -31,17 +31,19 @@ def test_pack_with_no_room_gives_nothing() -> None:
     assert grounding.pack([_passage(1, "text")], count_tokens=words, budget=0) == []
 
 
-def test_grounded_question_numbers_sources_and_ends_with_the_question() -> None:
+def test_grounded_question_numbers_sources_then_asks_to_cite_them() -> None:
     packed = grounding.pack(
         [_passage(1, "Magma rises.", "Volcanoes"), _passage(2, "Untitled text.")],
         count_tokens=words,
         budget=100,
     )
     turn = grounding.grounded_question("Why do volcanoes erupt?", packed)
-    assert turn.startswith(grounding.INSTRUCTIONS)
-    assert "[1] Volcanoes\nMagma rises." in turn and "[2]\nUntitled text." in turn
-    assert turn.endswith("Question: Why do volcanoes erupt?")
-    assert "no sources" in grounding.grounded_question("q", [])
+    assert turn.startswith("Sources:\n\n[1] Volcanoes\nMagma rises.\n\n[2]\nUntitled text.")
+    assert "Question: Why do volcanoes erupt?" in turn
+    assert turn.endswith(grounding.INSTRUCTIONS.format(numbers="[1] or [2]"))
+    one = grounding.grounded_question("q", packed[:1])
+    assert "as [1]." in one
+    assert "No sources were found" in grounding.grounded_question("q", [])
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from service.api.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from service.api.routes.listing import Cursor, Limit
+from service.api.routes.listing import Cursor, Limit, metadata_pairs
 from service.api.schemas import (
     ChunkingOptions,
     CollectionCreate,
@@ -377,15 +377,9 @@ def document_filters(
     created_after: datetime | None = None,
     created_before: datetime | None = None,
 ) -> DocumentFilters:
-    pairs: dict[str, str] = {}
-    for item in metadata or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"metadata filter {item!r} is not key=value", param="metadata")
-        pairs[key] = value
     return DocumentFilters(
         external_ids=tuple(external_id or ()),
-        metadata=pairs,
+        metadata=metadata_pairs(metadata),
         created_after=created_after,
         created_before=created_before,
     )

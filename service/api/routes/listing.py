@@ -11,6 +11,17 @@ from service.api.errors import InvalidRequest
 from service.db.crud import Filters
 
 
+def metadata_pairs(items: list[str] | None) -> dict[str, str]:
+    """The metadata filters of a query string: each key=value, repeatable."""
+    pairs: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"metadata filter {item!r} is not key=value", param="metadata")
+        pairs[key] = value
+    return pairs
+
+
 def list_filters(
     model: Annotated[str | None, Query(max_length=128)] = None,
     tag: Annotated[list[str] | None, Query(description="Repeat to require several tags")] = None,
@@ -21,16 +32,10 @@ def list_filters(
     created_before: datetime | None = None,
     conversation_id: Annotated[str | None, Query(max_length=40)] = None,
 ) -> Filters:
-    pairs: dict[str, str] = {}
-    for item in metadata or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"metadata filter {item!r} is not key=value", param="metadata")
-        pairs[key] = value
     return Filters(
         model=model,
         tags=tuple(tag or ()),
-        metadata=pairs,
+        metadata=metadata_pairs(metadata),
         created_after=created_after,
         created_before=created_before,
         conversation_id=conversation_id,
