@@ -265,7 +265,7 @@ def _embed_texts(factory: sessionmaker[Session], runtime: ModelRuntime, job: Job
             )
             with factory() as session:
                 return _reject(session, job, message, param="input", code="context_length_exceeded")
-    vectors = runtime.embed(job.model, texts).astype("<f4")
+    vectors = runtime.embed(job.model, texts, alone=True).astype("<f4")
     result = {
         "embeddings": [base64.b64encode(vector.tobytes()).decode() for vector in vectors],
         "prompt_tokens": sum(counts),

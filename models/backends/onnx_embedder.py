@@ -292,6 +292,9 @@ class OnnxEmbedder:
         self.name = name
         self.dimension = dimension
         self.runtime = runtime
+        # int8 quantises activations with one scale per batch: a text's vector moves a
+        # little (up to ~1% cosine) with its neighbours. Embedded alone it is always the same.
+        self.batch_invariant = runtime != "onnx-int8"
         self.model_file = model_file
         self._max_tokens = read_sentence_config(source)
         self._truncating = load_tokenizer(source, max_tokens=self._max_tokens)

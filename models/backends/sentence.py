@@ -77,6 +77,7 @@ class SentenceEmbedder:
         self.name = name
         self.dimension = dimension
         self.runtime = "torch"
+        self.batch_invariant = True  # a text's vector does not depend on its batch
         # The Rust tokenizer is reconfigured by each call (padding, truncation): two threads
         # must not use it at once.
         self._lock = threading.Lock()

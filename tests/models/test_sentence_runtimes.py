@@ -149,3 +149,19 @@ def test_concurrent_encodes_give_the_sequential_vectors(
 def test_unknown_runtime_is_refused(cache_dir: Path) -> None:
     with pytest.raises(ValueError, match="'torch', 'onnx', 'onnx-int8'"):
         _load("tensorrt", cache_dir)
+
+
+def test_int8_vectors_embedded_one_at_a_time_do_not_depend_on_their_neighbours(
+    embedders: dict[str, SentenceEmbedder | OnnxEmbedder],
+) -> None:
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Stock prices fell sharply after the announcement of the quarterly results.",
+        "x",
+    ]
+    int8 = embedders["onnx-int8"]
+    assert not int8.batch_invariant
+    assert embedders["torch"].batch_invariant and embedders["onnx"].batch_invariant
+    alone = int8.encode(texts[:1])[0]
+    among = int8.encode(texts, batch_size=1)[0]
+    np.testing.assert_allclose(among, alone, atol=1e-6)

@@ -90,7 +90,13 @@ class ModelRuntime:
                 logger.info("loaded %s (%s) on %s", path.name, trained.arch, self.device)
             return trained
 
-    def embed(self, name: str, texts: list[str]) -> np.ndarray:
-        """Embed texts with model `name` on the engine thread, between decoding steps."""
+    def embed(self, name: str, texts: list[str], *, alone: bool = False) -> np.ndarray:
+        """Embed texts with model `name` on the engine thread, between decoding steps.
+
+        alone: each text's vector is the one it gets when sent by itself (what an
+        embeddings request promises), at some cost for a runtime whose vectors depend on
+        their batch (int8).
+        """
         embedder = self.embedder(name)
-        return self.engine.call(lambda: embedder.encode(texts))
+        batch_size = 1 if alone and not embedder.batch_invariant else 64
+        return self.engine.call(lambda: embedder.encode(texts, batch_size=batch_size))
