@@ -5,6 +5,7 @@ The API never imports the worker's task code (DESIGN: service enqueues by task n
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sqlite3
 from pathlib import Path
@@ -52,10 +53,22 @@ def embedded_broker_url(path: Path) -> str:
 
 
 def prepare_embedded_broker(path: Path) -> None:
-    """Create the embedded broker's SQLite file in WAL mode (the mode persists in the file)."""
+    """Create the embedded broker's SQLite file in WAL mode (the mode persists in the file)
+    and kombu's tables in it, once, however many processes start together."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path, timeout=30) as connection:
-        connection.execute("PRAGMA journal_mode=WAL")
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with sqlite3.connect(path, timeout=30) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+        # Else kombu creates them on each process's first publish: two processes doing it
+        # at once fail with "table already exists", and the failed publish leaves its
+        # producer a closed channel (AttributeError on the next publish).
+        app = make_celery("genserve-prepare", embedded_broker_url(path))
+        try:
+            with app.connection_for_write() as broker:
+                broker.default_channel.session  # noqa: B018 - opening it makes the tables
+        finally:
+            app.close()
 
 
 def celery_config(broker_url: str, *, default_queue: str = "interactive") -> dict[str, Any]:
