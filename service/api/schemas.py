@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from models import configs
+from service.rag.chunking import ChunkSettings
 
 MAX_METADATA_BYTES = 16_384
 T = TypeVar("T")
@@ -499,12 +500,9 @@ class ChunkingOptions(Strict):
     overlap_tokens: int = Field(default=40, ge=0, le=127)
 
     @model_validator(mode="after")
-    def _overlap_below_half(self) -> ChunkingOptions:
-        if self.overlap_tokens * 2 >= self.max_tokens:
-            raise ValueError(
-                f"overlap_tokens must be below half of max_tokens ({self.max_tokens}), "
-                f"got {self.overlap_tokens}"
-            )
+    def _chunker_takes_them(self) -> ChunkingOptions:
+        # The chunker's own bounds (overlap below half a chunk), checked where they live.
+        ChunkSettings(max_tokens=self.max_tokens, overlap_tokens=self.overlap_tokens)
         return self
 
 

@@ -24,7 +24,6 @@ from service.db.tables import (
     ChunkEmbeddingDeletion,
     Collection,
     Document,
-    GenerationSource,
     new_id,
     utcnow,
 )
@@ -359,16 +358,3 @@ def get_chunks(session: Session, *, ids: Sequence[int]) -> dict[int, tuple[Chunk
         .where(Chunk.id.in_(list(ids)))
     )
     return {chunk.id: (chunk, document) for chunk, document in rows.tuples()}
-
-
-# --- lineage -----------------------------------------------------------------------------
-
-
-def generation_sources(session: Session, *, generation_id: str) -> list[GenerationSource]:
-    return list(
-        session.scalars(
-            select(GenerationSource)
-            .where(GenerationSource.generation_id == generation_id)
-            .order_by(GenerationSource.number)
-        )
-    )

@@ -22,12 +22,10 @@ from service.db import crud, rag
 from service.db.rag import DocumentFilters
 from service.db.tables import Chunk, Collection, Document
 from service.rag import grounding
-from service.search.generations import HYBRID_DEPTH, SUBSET_LIMIT, Fusion, Part, fuse
+from service.search.generations import MODES, SUBSET_LIMIT, Fusion, Part, Plan, rank
 from service.search.generations import search_generations as _search_generations
 from service.search.index import IndexNotReady, VectorIndex
 from service.search.keyword import keyword_chunks
-
-MODES = ("vector", "keyword", "hybrid")
 
 
 @dataclass
@@ -141,34 +139,23 @@ def _chunk_passages(
     fusion: Fusion,
 ) -> list[Passage]:
     ids = [collection.id for collection in collections]
-    depth = max(k, HYBRID_DEPTH) if mode == "hybrid" else k
+    plan = Plan.of(mode, k, fusion)
     vector: list[tuple[int, float]] = []
     keyword: list[tuple[int, float]] = []
-    if mode == "vector" or (mode == "hybrid" and fusion.vector > 0):
+    if plan.vector:
         if index is None or embed is None:
             raise ValueError(f"{mode} search needs the chunk index and an embedder")
-        vector = _vector_chunks(session, index, embed(query), ids, depth, filters)
-    if mode == "keyword" or (mode == "hybrid" and fusion.keyword > 0):
+        vector = _vector_chunks(session, index, embed(query), ids, plan.depth, filters)
+    if plan.keyword:
         where = []
         if filters.narrows:
             where.append(Chunk.document_id.in_(select(Document.id).where(*filters.clauses())))
-        found = keyword_chunks(session, collection_ids=ids, query=query, limit=depth, where=where)
-        keyword = [(hit.chunk_id, hit.score) for hit in found]
-    vector_parts = {cid: Part(score, rank) for rank, (cid, score) in enumerate(vector, 1)}
-    keyword_parts = {cid: Part(score, rank) for rank, (cid, score) in enumerate(keyword, 1)}
-    if mode == "vector":
-        ranked = vector
-    elif mode == "keyword":
-        ranked = keyword
-    else:
-        # fuse() ranks by string id on ties; chunk ids go through it as strings.
-        fused = fuse(
-            {str(cid): part for cid, part in vector_parts.items()},
-            {str(cid): part for cid, part in keyword_parts.items()},
-            fusion,
+        found = keyword_chunks(
+            session, collection_ids=ids, query=query, limit=plan.depth, where=where
         )
-        ranked = [(int(cid), score) for cid, score in fused]
-    page = ranked[:k]
+        keyword = [(hit.chunk_id, hit.score) for hit in found]
+    ranking = rank(mode, vector, keyword, fusion)
+    page = ranking.ranked[:k]
     rows = rag.get_chunks(session, ids=[cid for cid, _ in page])
     passages = []
     for cid, score in page:
@@ -181,8 +168,8 @@ def _chunk_passages(
                 title=document.title,
                 text=chunk.text,
                 score=score,
-                vector=vector_parts.get(cid),
-                keyword=keyword_parts.get(cid),
+                vector=ranking.vector.get(cid),
+                keyword=ranking.keyword.get(cid),
                 document_id=document.id,
                 external_id=document.external_id,
                 chunk_id=chunk.id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -41,6 +42,55 @@ class Fusion:
     vector: float = 1.0
     keyword: float = 1.0
     rrf_k: int = RRF_K
+
+
+K = TypeVar("K", str, int)  # what a ranking ranks: generation ids, chunk ids
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which rankings a search asks, and how deep each goes."""
+
+    vector: bool
+    keyword: bool
+    depth: int
+
+    @classmethod
+    def of(cls, mode: str, wanted: int, fusion: Fusion) -> Plan:
+        """wanted results in mode; hybrid asks a ranking only when its weight can count,
+        and at least HYBRID_DEPTH candidates of each."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        hybrid = mode == "hybrid"
+        return cls(
+            vector=mode == "vector" or (hybrid and fusion.vector > 0),
+            keyword=mode == "keyword" or (hybrid and fusion.keyword > 0),
+            depth=max(wanted, HYBRID_DEPTH) if hybrid else wanted,
+        )
+
+
+@dataclass
+class Ranking(Generic[K]):
+    """The results of a mode, best first, with each ranking's part in them."""
+
+    ranked: list[tuple[K, float]]
+    vector: dict[K, Part]
+    keyword: dict[K, Part]
+
+
+def rank(
+    mode: str, vector: list[tuple[K, float]], keyword: list[tuple[K, float]], fusion: Fusion
+) -> Ranking[K]:
+    """One ranking for the mode from the vector and keyword ones (id, score), best first."""
+    vector_parts = {key: Part(score, place) for place, (key, score) in enumerate(vector, 1)}
+    keyword_parts = {key: Part(score, place) for place, (key, score) in enumerate(keyword, 1)}
+    if mode == "vector":
+        ranked = vector
+    elif mode == "keyword":
+        ranked = keyword
+    else:
+        ranked = fuse(vector_parts, keyword_parts, fusion)
+    return Ranking(ranked, vector_parts, keyword_parts)
 
 
 @dataclass
@@ -76,17 +126,12 @@ def search_generations(
 
     index and embed are needed for the vector and hybrid modes.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fusion = fusion or Fusion()
-    wanted = offset + limit + 1  # one more tells whether another page exists
-    depth = max(wanted, HYBRID_DEPTH) if mode == "hybrid" else wanted
-    # Hybrid asks a ranking only when its weight can count.
-    use_vector = mode == "vector" or (mode == "hybrid" and fusion.vector > 0)
-    use_keyword = mode == "keyword" or (mode == "hybrid" and fusion.keyword > 0)
+    # One more than the page tells whether another page exists.
+    plan = Plan.of(mode, offset + limit + 1, fusion)
     vector: list[tuple[str, float, str]] = []
     keyword: list[tuple[str, float]] = []
-    if use_vector:
+    if plan.vector:
         if index is None or embed is None:
             raise ValueError(f"{mode} search needs an index and an embedder")
         vector = vector_candidates(
@@ -94,23 +139,22 @@ def search_generations(
             index=index,
             query_vector=embed(query),
             tenant_id=tenant_id,
-            k=depth,
+            k=plan.depth,
             target=target,
             filters=filters,
         )
-    if use_keyword:
+    if plan.keyword:
         found = keyword_search(
-            session, tenant_id=tenant_id, query=query, target=target, limit=depth, filters=filters
+            session,
+            tenant_id=tenant_id,
+            query=query,
+            target=target,
+            limit=plan.depth,
+            filters=filters,
         )
         keyword = [(hit.generation_id, hit.score) for hit in found]
-    vector_parts = {gid: Part(score, rank) for rank, (gid, score, _) in enumerate(vector, 1)}
-    keyword_parts = {gid: Part(score, rank) for rank, (gid, score) in enumerate(keyword, 1)}
-    if mode == "vector":
-        ranked = [(gid, score) for gid, score, _ in vector]
-    elif mode == "keyword":
-        ranked = keyword
-    else:
-        ranked = fuse(vector_parts, keyword_parts, fusion)
+    ranking = rank(mode, [(gid, score) for gid, score, _ in vector], keyword, fusion)
+    ranked = ranking.ranked
     page = ranked[offset : offset + limit]
     rows = crud.get_generations(session, ids=[gid for gid, _ in page])
     matched = {gid: kind for gid, _, kind in vector}
@@ -118,8 +162,8 @@ def search_generations(
         Hit(
             generation=rows[gid],
             score=score,
-            vector=vector_parts.get(gid),
-            keyword=keyword_parts.get(gid),
+            vector=ranking.vector.get(gid),
+            keyword=ranking.keyword.get(gid),
             matched=matched.get(gid),
         )
         for gid, score in page
@@ -128,11 +172,9 @@ def search_generations(
     return Results(hits=hits, has_more=len(ranked) > offset + limit)
 
 
-def fuse(
-    vector: dict[str, Part], keyword: dict[str, Part], fusion: Fusion
-) -> list[tuple[str, float]]:
+def fuse(vector: dict[K, Part], keyword: dict[K, Part], fusion: Fusion) -> list[tuple[K, float]]:
     """Reciprocal rank fusion: (id, fused score), best first, ties by id."""
-    scores: dict[str, float] = {}
+    scores: dict[K, float] = {}
     for weight, parts in ((fusion.vector, vector), (fusion.keyword, keyword)):
         for gid, part in parts.items():
             scores[gid] = scores.get(gid, 0.0) + weight / (fusion.rrf_k + part.rank)

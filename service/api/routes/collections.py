@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 import anyio
@@ -16,7 +15,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from service import storable
 from service.api.deps import (
     CallerDep,
     EmbeddingModelDep,
@@ -33,6 +31,7 @@ from service.api.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from service.api.routes.files import upload_filename
 from service.api.routes.listing import Cursor, Limit, metadata_pairs
 from service.api.schemas import (
     ChunkingOptions,
@@ -170,19 +169,6 @@ def delete_collection(collection: str, caller: WriterDep, session: SessionDep) -
 # --- documents ---------------------------------------------------------------------------
 
 
-def _filename(upload: UploadFile) -> str:
-    # Only the last component is kept, as for the Files API.
-    name = PurePosixPath((upload.filename or "").replace("\\", "/")).name or "document.txt"
-    reason = storable.problem(name)
-    if reason is not None or len(name) > 255:
-        raise InvalidRequest(
-            f"the filename {reason or 'is longer than 255 characters'}",
-            param="file",
-            code="invalid_text",
-        )
-    return name
-
-
 def _ingestion_job(
     session: Session, *, tenant_id: int, collection: Collection, input: dict[str, Any]
 ) -> Job:
@@ -275,7 +261,7 @@ async def _uploads(request: Request, limits: FileLimits) -> list[tuple[str, str 
                 param="file",
                 code="file_too_large",
             )
-        name = _filename(value)
+        name = upload_filename(value.filename, default="document.txt")
         if not data:
             raise InvalidRequest(f"{name} is empty", param="file", code="empty_file")
         try:

@@ -33,10 +33,11 @@ def get_file_limits(request: Request) -> FileLimits:
 FileLimitsDep = Annotated[FileLimits, Depends(get_file_limits)]
 
 
-def _filename(upload: UploadFile) -> str:
+def upload_filename(filename: str | None, *, default: str = "upload.jsonl") -> str:
+    """The name an upload is stored under; 400 for one SQL cannot store or too long."""
     # Only the last component is kept: a name such as "../../etc/passwd" must never
     # come back in a Content-Disposition as a path for a client to write to.
-    name = PurePosixPath((upload.filename or "").replace("\\", "/")).name or "upload.jsonl"
+    name = PurePosixPath((filename or "").replace("\\", "/")).name or default
     if len(name) > MAX_FILENAME_CHARS:
         raise InvalidRequest(
             f"the filename must be at most {MAX_FILENAME_CHARS} characters", param="file"
@@ -84,7 +85,7 @@ def create_file(
         session=session,
         tenant_id=caller.tenant_id,
         purpose=purpose,
-        filename=_filename(file),
+        filename=upload_filename(file.filename),
         max_bytes=limits.max_bytes,
         max_lines=limits.max_lines,
     )
