@@ -180,7 +180,7 @@ def cancel_batch(session: Session, publisher: JobPublisher, *, batch: Batch) -> 
         .where(Batch.id == batch.id, Batch.status.in_(("validating", "in_progress")))
         .values(status="cancelling", cancelling_at=now)
     )
-    _stop_lines(session, batch.id, now)
+    _stop_lines(session, batch.id)
     session.commit()
     # A batch still validating is finalized by prepare, which sees it is cancelling.
     if batch.status != "validating":
@@ -188,11 +188,13 @@ def cancel_batch(session: Session, publisher: JobPublisher, *, batch: Batch) -> 
     session.refresh(batch)
 
 
-def _stop_lines(session: Session, batch_id: str, now: datetime) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now)
+def _stop_lines(session: Session, batch_id: str) -> None:
+    crud.end_jobs(
+        session,
+        Job.batch_id == batch_id,
+        Job.status == "queued",
+        status="cancelled",
+        cancel_requested=True,
     )
     session.execute(
         update(Job)
@@ -214,7 +216,7 @@ def expire_batches(session: Session, publisher: JobPublisher, *, now: datetime) 
     )
     for batch_id in due:
         session.execute(update(Batch).where(Batch.id == batch_id).values(expired_at=now))
-        _stop_lines(session, batch_id, now)
+        _stop_lines(session, batch_id)
         session.commit()
         start_finalizing(session, publisher, batch_id=batch_id)
     return len(due)
@@ -400,7 +402,7 @@ def _begin(session: Session, publisher: JobPublisher, batch: Batch) -> str:
         session.execute(
             update(Batch).where(Batch.id == batch.id).values(total=total, lease_expires_at=None)
         )
-        _stop_lines(session, batch.id, utcnow())
+        _stop_lines(session, batch.id)
     session.commit()
     start_finalizing(session, publisher, batch_id=batch.id)
     return "prepared"

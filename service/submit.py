@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from models.registry import REGISTRY, ModelSpec
 from service import failpoints
 from service.api.errors import InvalidRequest, NotFound, TooManyRequests
+from service.cache import CacheKeys, keys_for
 from service.db import crud, tenants
 from service.db.tables import Job, Tenant, utcnow
 from service.queue import JobPublisher
@@ -112,10 +113,13 @@ def store_job(
     request: JobRequest,
     batch_id: str | None = None,
     custom_id: str | None = None,
+    api_key_id: int | None = None,
 ) -> Job:
     """Write the job row (flushed, not committed) and count it in the tenant's usage; a
-    batch's line names its batch."""
+    batch's line names its batch, and api_key_id the key that asked."""
     tenants.count_usage(session, tenant_id=tenant_id, requests=1)
+    # Keyed on the input as sent: two prompts that redact alike are not the same request.
+    keys = request_cache_keys(tenant_id, request)
     if tenants.redacts_pii(session, tenant_id=tenant_id):
         request = replace(request, input=redact_value(request.input)[0])
     return crud.create_job(
@@ -135,6 +139,22 @@ def store_job(
         batch_id=batch_id,
         custom_id=custom_id,
         context=request.context,
+        api_key_id=api_key_id,
+        cache_key=keys.key if keys else None,
+        cache_scope=keys.scope if keys else None,
+    )
+
+
+def request_cache_keys(tenant_id: int, request: JobRequest) -> CacheKeys | None:
+    """The response cache's keys of a request (None: no stored answer can stand for it)."""
+    return keys_for(
+        tenant_id=tenant_id,
+        api=request.api,
+        model=request.model,
+        input=request.input,
+        params=request.params,
+        threaded=request.conversation_id is not None or request.parent_generation_id is not None,
+        grounded=request.context is not None,
     )
 
 
@@ -147,10 +167,15 @@ def publish_job(session: Session, publisher: JobPublisher, job: Job) -> None:
 
 
 def submit_job(
-    session: Session, publisher: JobPublisher, *, tenant_id: int, request: JobRequest
+    session: Session,
+    publisher: JobPublisher,
+    *,
+    tenant_id: int,
+    request: JobRequest,
+    api_key_id: int | None = None,
 ) -> Job:
     """Store, commit and publish one job."""
-    job = store_job(session, tenant_id=tenant_id, request=request)
+    job = store_job(session, tenant_id=tenant_id, request=request, api_key_id=api_key_id)
     session.commit()
     publish_job(session, publisher, job)
     return job

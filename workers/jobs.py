@@ -20,7 +20,7 @@ from service.db import crud, tenants
 from service.db.tables import Generation, GenerationSource, Job, new_id
 from service.events import EventSink
 from service.rag import grounding
-from workers import ingest, sampling
+from workers import evals, ingest, sampling
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
@@ -140,6 +140,8 @@ def _generation_row(
         prompt_tokens=out.prompt_tokens,
         completion_tokens=out.completion_tokens,
         finish_reason=out.finish_reason,
+        cache_key=job.cache_key,
+        cache_scope=job.cache_scope,
         timings={
             "queue_s": round((job.started_at - job.created_at).total_seconds(), 4),
             "generate_s": round(generate_s, 4),
@@ -330,6 +332,14 @@ def run_job(
             leases=leases,
             time_limit_s=time_limit_s,
         )
+    evals.score_job(
+        factory,
+        runtime,
+        job,
+        status=outcome.status,
+        generation_id=outcome.generation_id,
+        embedding_model=embedding_model,
+    )
     tokens.end(outcome.status)
     return replace(outcome, batch_id=job.batch_id)
 

@@ -22,6 +22,7 @@ from service.api.routes import (
     collections,
     completions,
     conversations,
+    evals,
     files,
     generations,
     health,
@@ -29,7 +30,9 @@ from service.api.routes import (
     models,
     search,
     training,
+    usage,
 )
+from service.cache import ResponseCache
 from service.config import Settings, get_settings
 from service.db.session import make_engine, make_sessionmaker
 from service.events import make_source
@@ -99,6 +102,7 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             embed=app.state.embedder.encode_one,
             embedding_model=spec.name,
         )
+        app.state.response_cache = ResponseCache(index, app.state.embedder.encode_one)
         app.state.served_models = tuple(settings.chat_models)
         app.state.events = make_source(settings.events_backend_url)
         app.state.rate_limiter = make_rate_limiter(settings.events_backend_url)
@@ -153,6 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         chat,
         completions,
         admin,
+        usage,
+        evals,
     )
     for module in (*routers, files, batches):
         app.include_router(module.router)
@@ -174,7 +180,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         # Bodies a route reads itself (several content types) are referenced by name.
-        for model in collections.BODY_MODELS:
+        for model in (*collections.BODY_MODELS, *evals.BODY_MODELS):
             found = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(found.pop("$defs", {}))
             components[model.__name__] = found

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import PermissionDenied, TooManyRequests, Unauthorized
+from service.cache import ResponseCache
 from service.db import tenants
 from service.events import EventSource
 from service.openai_compat.serving import Serving
@@ -154,6 +155,10 @@ def get_embedder(request: Request) -> LazyEmbedder:
     return request.app.state.embedder
 
 
+def get_response_cache(request: Request) -> ResponseCache:
+    return request.app.state.response_cache
+
+
 def get_served_models(request: Request) -> tuple[str, ...]:
     return request.app.state.served_models
 
@@ -165,6 +170,7 @@ def get_embedding_model(request: Request) -> str:
 PublisherDep = Annotated[JobPublisher, Depends(get_publisher)]
 IndexDep = Annotated[VectorIndex, Depends(get_index)]
 EmbedderDep = Annotated[LazyEmbedder, Depends(get_embedder)]
+ResponseCacheDep = Annotated[ResponseCache, Depends(get_response_cache)]
 ServedModelsDep = Annotated[tuple[str, ...], Depends(get_served_models)]
 EmbeddingModelDep = Annotated[str, Depends(get_embedding_model)]
 LimitsDep = Annotated[ApiLimits, Depends(get_limits)]
@@ -185,7 +191,9 @@ def get_serving(
         source=source,
         publisher=publisher,
         tenant_id=caller.tenant_id,
+        api_key_id=caller.key_id,
         retriever=getattr(request.app.state, "retriever", None),
+        cache=getattr(request.app.state, "response_cache", None),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
@@ -163,6 +163,9 @@ class JobCreate(Strict):
     conversation_id: str | None = Field(default=None, max_length=40)
     parent_generation_id: str | None = Field(default=None, max_length=40)
     rag: RagOptions | None = None
+    cache: CacheOptions | None = Field(
+        default=None, description='"exact" or "semantic": answer from a stored generation'
+    )
 
     _metadata = field_validator("metadata")(_check_metadata)
 
@@ -199,6 +202,9 @@ class GenerationPublic(BaseModel):
     content: list[ContentPart] = Field(default_factory=list)
     # A grounded answer's sources that it cites; all its sources: /v1/generations/{id}/sources
     citations: list[Citation] = Field(default_factory=list)
+    # The mean score of its feedback, and how many gave a score.
+    feedback_score: float | None = None
+    feedback_count: int = 0
     created_at: datetime
 
     @classmethod
@@ -224,6 +230,8 @@ class GenerationPublic(BaseModel):
             timings=row.timings,
             content=[ContentPart.from_row(f) for f in content_files(row)],
             citations=[Citation.from_source(source) for source in row.sources if source.cited],
+            feedback_score=row.feedback_score,
+            feedback_count=row.feedback_count,
             created_at=row.created_at,
         )
 
@@ -250,6 +258,8 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # Answered from the response cache: this is the original request, with its generation.
+    cached: bool = False
 
     @classmethod
     def from_row(cls, row: Any) -> JobPublic:
@@ -304,6 +314,9 @@ class SearchFilters(Strict):
     created_before: datetime | None = None
     conversation_id: str | None = None
     min_feedback_score: float | None = None
+    max_feedback_score: float | None = None
+    label: str | None = Field(default=None, max_length=64)
+    category: str | None = Field(default=None, max_length=64)
 
 
 class SearchWeights(Strict):
@@ -714,5 +727,500 @@ class Citation(BaseModel):
         )
 
 
+# --- the data of generation: the response cache, feedback, usage, exports ------------------
+
+
+class CacheOptions(Strict):
+    """Answer from a stored generation of the same request, at once (service/cache.py).
+
+    A string is the mode alone: "exact" or "semantic" (or "off")."""
+
+    mode: Literal["off", "exact", "semantic"] = "exact"
+    threshold: float = Field(
+        default=0.95, ge=0.5, le=1.0, description="semantic: least cosine of the two prompts"
+    )
+    include_sampled: bool = Field(
+        default=False, description="also answer requests with temperature > 0 from the cache"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_alone(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
+
+
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.:/+-]{0,63}$")]
+Tag = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_TAGS = 64
+
+
+class FeedbackCreate(Strict):
+    score: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False)
+    label: Label | None = None
+    comment: str | None = Field(default=None, min_length=1, max_length=8192)
+    user: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> FeedbackCreate:
+        if self.score is None and self.label is None and self.comment is None:
+            raise ValueError("give at least one of 'score', 'label' or 'comment'")
+        return self
+
+
+class FeedbackPublic(BaseModel):
+    id: int
+    object: Literal["feedback"] = "feedback"
+    generation_id: str
+    score: float | None
+    label: str | None
+    comment: str | None
+    user: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> FeedbackPublic:
+        return cls(
+            id=row.id,
+            generation_id=row.generation_id,
+            score=row.score,
+            label=row.label,
+            comment=row.comment,
+            user=row.user,
+            created_at=row.created_at,
+        )
+
+
+class FeedbackList(BaseModel):
+    object: Literal["list"] = "list"
+    generation_id: str
+    score: float | None  # the mean of the scores given
+    count: int  # how many gave a score
+    data: list[FeedbackPublic]
+
+
+class GenerationUpdate(Strict):
+    """Edit a generation's tags, category and metadata (its job's too)."""
+
+    metadata: dict[str, Any] | None = Field(default=None, description="replaces the metadata")
+    tags: list[Tag] | None = Field(default=None, max_length=MAX_TAGS, description="replaces")
+    add_tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    remove_tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    category: Label | None = Field(default=None, description="null removes it")
+
+    _metadata = field_validator("metadata")(
+        lambda value: value if value is None else _check_metadata(value)
+    )
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> GenerationUpdate:
+        if not self.model_fields_set:
+            raise ValueError(
+                "give at least one of 'metadata', 'tags', 'add_tags', 'remove_tags', 'category'"
+            )
+        if self.tags is not None and (self.add_tags or self.remove_tags):
+            raise ValueError("give 'tags' (replace) or 'add_tags'/'remove_tags', not both")
+        return self
+
+    def applied_to(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The metadata after this edit."""
+        updated = dict(self.metadata if self.metadata is not None else metadata)
+        tags = list(self.tags if self.tags is not None else updated.get("tags") or [])
+        tags += [tag for tag in self.add_tags if tag not in tags]
+        tags = [tag for tag in tags if tag not in self.remove_tags]
+        if tags or "tags" in updated or self.tags is not None:
+            updated["tags"] = tags
+        if "category" in self.model_fields_set:
+            updated.pop("category", None)
+            if self.category is not None:
+                updated["category"] = self.category
+        return _check_metadata(updated)
+
+
+class LatencySummary(BaseModel):
+    """Milliseconds from acceptance to the end, over the requests counted; percentiles are
+    interpolated within fixed buckets (50, 100, 250, 500 ms, 1, 2.5, 5, 10, 30, 60, 300 s)."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    mean: float | None
+
+
+class UsageSummary(BaseModel):
+    day: date | None = None
+    api_key_id: int | None = None  # 0: the operator's command line
+    model: str | None = None
+    requests: int
+    succeeded: int
+    errors: int
+    cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: LatencySummary
+    cache_hits: int
+    cache_hit_ratio: float | None
+    time_saved_s: float
+    error_rate: float | None
+    refusal_rate: float | None
+    mean_completion_tokens: float | None
+    feedback_count: int
+    feedback_score: float | None
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    start: date
+    end: date
+    group_by: list[str]
+    total: UsageSummary
+    data: list[UsageSummary]
+
+
+class ModelTrends(BaseModel):
+    object: Literal["model.trends"] = "model.trends"
+    model: str
+    start: date
+    end: date
+    data: list[UsageSummary]  # one per day with requests or feedback
+
+
+ExportFormat = Literal["openai_chat", "prompt_completion"]
+
+
+class ExportFilters(Strict):
+    model: str | None = Field(default=None, max_length=128)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    min_feedback_score: float | None = None
+    label: Label | None = None
+    origin: Literal["real", "synthetic", "any"] = Field(
+        default="any", description="synthetic: rows marked metadata.synthetic=true"
+    )
+
+
+class DedupOptions(Strict):
+    exact: bool = Field(default=True, description="drop rows whose folded text repeats")
+    near: bool = Field(default=True, description="drop rows too close to a kept one")
+    threshold: float = Field(default=0.95, ge=0.5, le=1.0, description="near: least cosine")
+
+
+class ExportCreate(Strict):
+    format: ExportFormat = "openai_chat"
+    filters: ExportFilters = Field(default_factory=ExportFilters)
+    dedup: DedupOptions = Field(default_factory=DedupOptions)
+    limit: int | None = Field(default=None, ge=1, description="rows written at most")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+
+class ExportPublic(BaseModel):
+    id: str
+    object: Literal["export"] = "export"
+    status: JobStatus
+    format: ExportFormat
+    filters: dict[str, Any]
+    dedup: dict[str, Any]
+    limit: int | None
+    # The manifest once done: filters, snapshot, counts, the output's sha256.
+    manifest: dict[str, Any] | None
+    output_file_id: str | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> ExportPublic:
+        manifest = (row.result or {}).get("manifest")
+        return cls(
+            id=row.id,
+            status=row.status,
+            format=row.params["format"],
+            filters=row.params["filters"],
+            dedup=row.params["dedup"],
+            limit=row.params.get("limit"),
+            manifest=manifest,
+            output_file_id=(manifest or {}).get("file_id"),
+            error=row.error,
+            created_at=row.created_at,
+            finished_at=row.finished_at,
+        )
+
+
 JobCreate.model_rebuild()
 GenerationPublic.model_rebuild()
+
+
+# --- evaluations ---------------------------------------------------------------------------
+
+MAX_EVAL_ITEMS = 5_000  # a run stores a job per item in one request
+EVAL_SET_ID_PREFIX = "evalset_"
+
+
+class EvalInput(Strict):
+    """A language model's input: a prompt, or chat messages ending with the user's turn."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=256)
+    raw: bool = Field(default=False, description="send the prompt as is, not as a chat turn")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> EvalInput:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        if self.messages is not None and (not self.messages or self.messages[-1].role != "user"):
+            raise ValueError("messages must end with a message of role 'user'")
+        if self.raw and self.prompt is None:
+            raise ValueError("'raw' applies to a prompt only")
+        return self
+
+
+class EvalItemIn(Strict):
+    input: str | EvalInput = Field(description="a prompt, or {prompt} or {messages}")
+    reference: str = Field(max_length=100_000, description="the expected output")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+    @field_validator("input")
+    @classmethod
+    def _prompt_not_blank(cls, value: str | EvalInput) -> str | EvalInput:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("input must not be blank")
+        return value
+
+    def job_input(self) -> dict[str, Any]:
+        """The input as a job stores it."""
+        given = EvalInput(prompt=self.input) if isinstance(self.input, str) else self.input
+        return given.model_dump(exclude_none=True)
+
+
+class EvalHistorySource(Strict):
+    """Items from the tenant's generations: input as asked, output as the reference."""
+
+    model: str | None = Field(default=None, max_length=128)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    min_feedback_score: float | None = Field(default=None, allow_inf_nan=False)
+    limit: int = Field(default=100, ge=1, le=MAX_EVAL_ITEMS, description="newest first")
+
+
+class EvalSetCreate(Strict):
+    """A set from items, or from history; a JSONL upload (multipart) gives the items as
+    a file of {input, reference, metadata} lines."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="unique")
+    description: str = Field(default="", max_length=4000)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    items: list[EvalItemIn] | None = Field(default=None, min_length=1, max_length=MAX_EVAL_ITEMS)
+    from_history: EvalHistorySource | None = None
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_id(cls, value: str) -> str:
+        if value.startswith(EVAL_SET_ID_PREFIX):
+            raise ValueError(
+                f"name must not start with {EVAL_SET_ID_PREFIX!r}: sets are named by id or name"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSetCreate:
+        if (self.items is None) == (self.from_history is None):
+            raise ValueError("give exactly one of 'items' or 'from_history'")
+        return self
+
+
+class EvalSetPublic(BaseModel):
+    id: str
+    object: Literal["eval.set"] = "eval.set"
+    name: str
+    description: str
+    metadata: dict[str, Any]
+    item_count: int
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> EvalSetPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            description=row.description,
+            metadata=row.meta,
+            item_count=row.item_count,
+            created_at=row.created_at,
+        )
+
+
+class EvalItemPublic(BaseModel):
+    seq: int  # 1, 2, ... in the set's order
+    input: dict[str, Any]
+    reference: str
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Any) -> EvalItemPublic:
+        return cls(seq=row.seq, input=row.input, reference=row.reference, metadata=row.meta)
+
+
+class EvalParams(Strict):
+    """Sampling of a run; greedy unless a temperature is given."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, max_length=MAX_STOP_SEQUENCES
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class EvalRunCreate(Strict):
+    set_id: str = Field(min_length=1, max_length=128, description="the set's id or name")
+    model: str = Field(min_length=1, max_length=128, description="a language model")
+    params: EvalParams = Field(default_factory=EvalParams)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+
+class EvalScores(BaseModel):
+    """Each in [0, 1] (cosine in [-1, 1]); null where it is not known."""
+
+    exact_match: float | None = None
+    token_f1: float | None = None
+    rouge_l: float | None = None
+    cosine: float | None = None
+
+
+class EvalScoreDeltas(BaseModel):
+    """Run b's score minus run a's."""
+
+    exact_match: float | None = None
+    token_f1: float | None = None
+    rouge_l: float | None = None
+    cosine: float | None = None
+
+
+class EvalAggregates(BaseModel):
+    items: int
+    scored: int
+    failed: int  # not in the means
+    means: EvalScores  # over the scored items
+
+
+class EvalProgress(BaseModel):
+    total: int
+    done: int
+    scored: int
+    failed: int
+
+
+class EvalRunPublic(BaseModel):
+    id: str
+    object: Literal["eval.run"] = "eval.run"
+    set_id: str
+    model: str
+    model_version: str
+    params: dict[str, Any]
+    status: Literal["running", "succeeded", "failed"]
+    progress: EvalProgress
+    aggregates: EvalAggregates | None
+    error: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any, progress: Any) -> EvalRunPublic:
+        return cls(
+            id=row.id,
+            set_id=row.set_id,
+            model=row.model,
+            model_version=row.model_version,
+            params=row.params,
+            status=row.status,
+            progress=EvalProgress(
+                total=progress.total,
+                done=progress.done,
+                scored=progress.scored,
+                failed=progress.failed,
+            ),
+            aggregates=row.aggregates,
+            error=row.error,
+            metadata=row.meta,
+            created_at=row.created_at,
+            finished_at=row.finished_at,
+        )
+
+
+EvalResultStatus = Literal["pending", "scored", "failed"]
+
+
+class EvalOutcome(BaseModel):
+    """What one run made of one item."""
+
+    status: EvalResultStatus
+    output: str | None
+    scores: EvalScores | None
+    error: str | None
+    generation_id: str | None
+    job_id: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> EvalOutcome:
+        status: EvalResultStatus = "pending"
+        if row.scores is not None or row.error is not None:
+            status = "scored" if row.scores is not None else "failed"
+        return cls(
+            status=status,
+            output=row.output,
+            scores=row.scores,
+            error=row.error,
+            generation_id=row.generation_id,
+            job_id=row.job_id,
+        )
+
+
+class EvalResultPublic(EvalOutcome):
+    seq: int
+    input: dict[str, Any]
+    reference: str
+
+    @classmethod
+    def of(cls, result: Any, item: Any) -> EvalResultPublic:
+        outcome = EvalOutcome.from_row(result)
+        return cls(seq=item.seq, input=item.input, reference=item.reference, **dict(outcome))
+
+
+class EvalComparisonItem(BaseModel):
+    seq: int
+    input: dict[str, Any]
+    reference: str
+    a: EvalOutcome
+    b: EvalOutcome
+    delta: EvalScoreDeltas
+
+
+class EvalComparison(BaseModel):
+    object: Literal["eval.comparison"] = "eval.comparison"
+    set_id: str
+    a: EvalRunPublic
+    b: EvalRunPublic
+    delta: EvalScoreDeltas  # of the means
+    data: list[EvalComparisonItem]
+    has_more: bool
+    next_cursor: str | None

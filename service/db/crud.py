@@ -13,13 +13,14 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import type_coerce
 
-from service.db import tenants
+from service.db import tenants, usage
 from service.db.tables import (
     Batch,
     Conversation,
     Document,
     Embedding,
     EmbeddingDeletion,
+    Feedback,
     File,
     Generation,
     Job,
@@ -43,7 +44,11 @@ class Filters:
     created_after: datetime | None = None
     created_before: datetime | None = None
     conversation_id: str | None = None
-    min_feedback_score: float | None = None  # generations only
+    # Generations only: their feedback, and the category set on them.
+    min_feedback_score: float | None = None
+    max_feedback_score: float | None = None
+    label: str | None = None  # some feedback on it has this label
+    category: str | None = None
 
     @property
     def narrows_generations(self) -> bool:
@@ -95,10 +100,30 @@ def filter_clauses(
     clauses.extend(
         json_value_matches(table.meta, key, value) for key, value in filters.metadata.items()
     )
-    if filters.min_feedback_score is not None:
+    if filters.category is not None:
+        clauses.append(json_value_matches(table.meta, "category", filters.category))
+    feedback = (filters.min_feedback_score, filters.max_feedback_score, filters.label)
+    if any(value is not None for value in feedback):
         if table is not Generation:
-            raise ValueError("min_feedback_score filters generations only")
+            raise ValueError("feedback filters apply to generations only")
+        clauses.extend(_feedback_clauses(filters))
+    return clauses
+
+
+def _feedback_clauses(filters: Filters) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    if filters.min_feedback_score is not None:
         clauses.append(Generation.feedback_score >= filters.min_feedback_score)
+    if filters.max_feedback_score is not None:
+        clauses.append(Generation.feedback_score <= filters.max_feedback_score)
+    if filters.label is not None:
+        # A correlated EXISTS: PostgreSQL plans it as a semi-join on the label's index.
+        labelled = select(1).where(
+            Feedback.tenant_id == Generation.tenant_id,
+            Feedback.label == filters.label,
+            Feedback.generation_id == Generation.id,
+        )
+        clauses.append(exists(labelled))
     return clauses
 
 
@@ -147,6 +172,9 @@ def create_job(
     batch_id: str | None = None,
     custom_id: str | None = None,
     context: dict[str, Any] | None = None,
+    api_key_id: int | None = None,
+    cache_key: str | None = None,
+    cache_scope: str | None = None,
 ) -> Job:
     """A queued job; a new conversation is started when it continues none."""
     if conversation_id is None:
@@ -172,6 +200,9 @@ def create_job(
         batch_id=batch_id,
         custom_id=custom_id,
         context=context,
+        api_key_id=api_key_id,
+        cache_key=cache_key,
+        cache_scope=cache_scope,
     )
     session.add(job)
     session.flush()
@@ -204,13 +235,33 @@ def mark_published(session: Session, *, job_id: str) -> None:
     )
 
 
+# What the usage counts of a job that ends (usage.Ended), read back by UPDATE ... RETURNING.
+ENDED = (Job.tenant_id, Job.model, Job.api_key_id, Job.created_at)
+
+
+def end_jobs(session: Session, *where: ColumnElement[bool], status: str, **values: Any) -> int:
+    """Move the jobs matching where to a final status and count them in the usage;
+    returns how many moved."""
+    ended = session.execute(
+        update(Job)
+        .where(*where)
+        .values(status=status, finished_at=utcnow(), **values)
+        .returning(*ENDED)
+        .execution_options(synchronize_session=False)
+    ).all()
+    usage.record_ended(session, (usage.Ended(*row) for row in ended), status=status)
+    return len(ended)
+
+
 def cancel_job(session: Session, *, job: Job) -> Job:
     """Cancel a queued job at once; ask a running one to stop at its next token."""
     if job.status == "queued":
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == "queued")
-            .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
+        end_jobs(
+            session,
+            Job.id == job.id,
+            Job.status == "queued",
+            status="cancelled",
+            cancel_requested=True,
         )
     elif job.status == "running":
         session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
@@ -288,6 +339,7 @@ def create_failed_job(
     )
     session.add(job)
     session.flush()
+    usage.record_ended(session, [usage.Ended(tenant_id, "", None, now)], status="failed")
     return job
 
 
@@ -519,8 +571,10 @@ def finish_job(
     status: str,
     error: str | None = None,
     result: dict[str, Any] | None = None,
+    generation: Generation | None = None,
 ) -> bool:
-    """Move a running job to a final status; False when it was not running."""
+    """Move a running job to a final status and count it in the usage; False when it was
+    not running. A succeeded job's generation gives the tokens counted."""
     values: dict[str, Any] = {
         "status": status,
         "error": error,
@@ -529,10 +583,26 @@ def finish_job(
     }
     if result is not None:
         values["result"] = result
-    updated = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running").values(**values)
-    )
-    return updated.rowcount == 1  # type: ignore[attr-defined]
+    finished = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(**values)
+        .returning(*ENDED)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if finished is None:
+        return False
+    tokens: dict[str, Any] = {}
+    if generation is not None:
+        tokens = {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.completion_tokens,
+            "refusal": usage.is_refusal(generation.output),
+        }
+    elif result is not None and "prompt_tokens" in result:
+        tokens = {"prompt_tokens": result["prompt_tokens"]}
+    usage.record_ended(session, [usage.Ended(*finished)], status=status, **tokens)
+    return True
 
 
 def reject_job(
@@ -556,7 +626,7 @@ def store_generation(
 ) -> bool:
     """Store a result and its embeddings and mark the job succeeded, in the caller's
     transaction. False (and nothing written) if the job is no longer running."""
-    if not finish_job(session, job_id=job.id, status="succeeded"):
+    if not finish_job(session, job_id=job.id, status="succeeded", generation=generation):
         return False
     session.add(generation)
     session.flush()
@@ -623,18 +693,27 @@ def requeue_job(session: Session, *, job: Job | TrainingJob, max_attempts: int) 
     same_state = and_(
         table.id == job.id, table.status == job.status, table.publish_count == job.publish_count
     )
-    exhausted = job.attempts >= max_attempts
-    values: dict[str, Any] = (
-        {
-            "status": "failed",
-            "finished_at": utcnow(),
-            "error": f"gave up after {job.attempts} attempts (worker lost or timed out)",
-        }
-        if exhausted
-        else {"status": "queued", "published_at": utcnow(), "publish_count": job.publish_count + 1}
-    )
+    if job.attempts >= max_attempts:
+        error = f"gave up after {job.attempts} attempts (worker lost or timed out)"
+        if isinstance(job, Job):  # a request: counted in the usage as it ends
+            end_jobs(session, same_state, status="failed", error=error, lease_expires_at=None)
+        else:
+            session.execute(
+                update(table)
+                .where(same_state)
+                .values(status="failed", finished_at=utcnow(), error=error, lease_expires_at=None)
+            )
+        session.commit()
+        return False
     result = session.execute(
-        update(table).where(same_state).values(lease_expires_at=None, **values)
+        update(table)
+        .where(same_state)
+        .values(
+            status="queued",
+            published_at=utcnow(),
+            publish_count=job.publish_count + 1,
+            lease_expires_at=None,
+        )
     )
     session.commit()
-    return not exhausted and result.rowcount == 1  # type: ignore[attr-defined]
+    return result.rowcount == 1  # type: ignore[attr-defined]

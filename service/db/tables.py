@@ -18,6 +18,8 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -34,7 +36,7 @@ JsonDoc = JSON().with_variant(JSONB(), "postgresql")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 # Which API made a job; its results are served back in that API's shapes.
-JOB_APIS = ("jobs", "chat.completions", "completions", "embeddings", "ingest")
+JOB_APIS = ("jobs", "chat.completions", "completions", "embeddings", "ingest", "export")
 BATCH_STATUSES = (
     "validating",
     "failed",
@@ -203,6 +205,12 @@ class Job(Base):
     # A line of a batch (indexed with status: "is any line still pending" is one seek).
     batch_id: Mapped[str | None] = mapped_column(String(40))
     custom_id: Mapped[str | None] = mapped_column(String(512))
+    # The key that asked for it (usage per key); None from the operator's command line.
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The response cache's keys of a cacheable request (service/cache.py), carried to its
+    # generation.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    cache_scope: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()
@@ -219,6 +227,10 @@ class Generation(Base):
     __table_args__ = (
         Index("ix_generations_tenant_created", "tenant_id", "id"),
         Index("ix_generations_conversation", "conversation_id", "id"),
+        Index("ix_generations_cache_key", "tenant_id", "cache_key"),
+        Index("ix_generations_tenant_model", "tenant_id", "model", "id"),
+        Index("ix_generations_tenant_feedback", "tenant_id", "feedback_score", "id"),
+        # PostgreSQL also has a GIN index on metadata -> 'tags' (migration 0007).
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -245,6 +257,10 @@ class Generation(Base):
     # The mean score of the feedback given on this generation, and how many gave it.
     feedback_score: Mapped[float | None] = mapped_column(Float)
     feedback_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set when the request could be answered from the cache (service/cache.py): the hash
+    # of model version, params and prompt, and of all but the prompt.
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    cache_scope: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Keyword search columns live outside the ORM, per dialect (migration 0002).
 
@@ -592,3 +608,127 @@ class GenerationSource(Base):
     title: Mapped[str] = mapped_column(Text, default="")
     text: Mapped[str] = mapped_column(Text)
     cited: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Feedback(Base):
+    """One judgement of a generation; several may be given. The generation keeps their
+    mean score and count for filtering."""
+
+    __tablename__ = "generation_feedback"
+    __table_args__ = (
+        Index("ix_generation_feedback_generation", "generation_id", "id"),
+        Index("ix_generation_feedback_label", "tenant_id", "label", "generation_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    score: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    # Who gave it, as the caller names them (an end user of the caller's product).
+    user: Mapped[str | None] = mapped_column("user_name", String(128))
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Upper bounds (ms) of the latency buckets of usage_rollups; the last is open.
+LATENCY_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 300_000)
+NO_LATENCY = -1  # the bucket of counts that are not a request's (feedback)
+
+
+class UsageRollup(Base):
+    """What a tenant's key did with a model on one UTC day, in one latency bucket.
+
+    Counted when a request finishes (its latency is then known) and when feedback is given
+    (bucket NO_LATENCY, on the day the generation was made, so trends show the quality of
+    each day's outputs).
+    """
+
+    __tablename__ = "usage_rollups"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "day", "api_key_id", "model", "bucket"),)
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    day: Mapped[date] = mapped_column(Date)
+    api_key_id: Mapped[int] = mapped_column(BigInteger)  # 0: the operator's command line
+    model: Mapped[str] = mapped_column(String(128))
+    bucket: Mapped[int] = mapped_column(SmallInteger)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    succeeded: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cancelled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cache_hits: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    latency_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    time_saved_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    refusals: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    feedback_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    feedback_sum: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class EvalSet(Base):
+    """A named dataset of {input, reference, metadata} items to evaluate models on."""
+
+    __tablename__ = "eval_sets"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_eval_sets_name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonDoc, default=dict)
+    item_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvalItem(Base):
+    __tablename__ = "eval_items"
+    __table_args__ = (UniqueConstraint("set_id", "seq", name="uq_eval_items_seq"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    set_id: Mapped[str] = mapped_column(ForeignKey("eval_sets.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    input: Mapped[dict[str, Any]] = mapped_column(JsonDoc)  # {prompt} or {messages}
+    reference: Mapped[str] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonDoc, default=dict)
+
+
+class EvalRun(Base):
+    """One model version run over an evaluation set; aggregates are set when it ends."""
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (Index("ix_eval_runs_tenant_created", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    set_id: Mapped[str] = mapped_column(ForeignKey("eval_sets.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    aggregates: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    error: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JsonDoc, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class EvalResult(Base):
+    """An item's output in a run and its scores against the reference."""
+
+    __tablename__ = "eval_results"
+    __table_args__ = (UniqueConstraint("run_id", "item_id", name="uq_eval_results_item"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    generation_id: Mapped[str | None] = mapped_column(String(40))
+    output: Mapped[str | None] = mapped_column(Text)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

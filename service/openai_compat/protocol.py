@@ -14,7 +14,13 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from models.registry import ModelSpec
 from service.api.errors import InvalidRequest
-from service.api.schemas import MAX_STOP_SEQUENCES, Citation, RagOptions, Strict
+from service.api.schemas import (
+    MAX_STOP_SEQUENCES,
+    CacheOptions,
+    Citation,
+    RagOptions,
+    Strict,
+)
 from service.submit import JobRequest, resolve_max_tokens
 
 # OpenAI's limits on stored metadata: 16 pairs, keys up to 64 and values up to 512 chars.
@@ -105,6 +111,9 @@ class _SamplingRequest(Strict):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(default=None, max_length=256)
+    # genserve's own (an extra body field): answer from a stored generation of the same
+    # request, "exact" or "semantic".
+    cache: CacheOptions | None = None
 
     @field_validator("n")
     @classmethod

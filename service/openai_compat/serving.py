@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import error_json
+from service.cache import CacheHit, CachePolicy, ResponseCache, count_hit
 from service.db import crud
 from service.db.tables import Job
 from service.events import EventSource
@@ -34,12 +35,14 @@ from service.openai_compat.responses import (
 )
 from service.queue import JobPublisher
 from service.rag.retrieval import Retriever
-from service.submit import JobRequest, admit, served_model, submit_job
+from service.submit import JobRequest, admit, request_cache_keys, served_model, submit_job
 
 # Declared on routes that may answer with a stream, for the OpenAPI docs.
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "With stream: true"}
 }
+# Set on an answer served from the response cache.
+CACHE_HEADER = "X-Genserve-Cache"
 # An idle stream sends an SSE comment this often, so proxies keep the connection open.
 KEEPALIVE_S = 15.0
 # How often a waiting request asks whether its client is still there.
@@ -54,7 +57,9 @@ class Serving:
     source: EventSource
     publisher: JobPublisher
     tenant_id: int
+    api_key_id: int | None = None
     retriever: Retriever | None = None
+    cache: ResponseCache | None = None
 
 
 def _submit(
@@ -69,7 +74,13 @@ def _submit(
                 session, tenant_id=serving.tenant_id, options=rag, question=question
             )
             request = replace(request, context=context)
-        return submit_job(session, serving.publisher, tenant_id=serving.tenant_id, request=request)
+        return submit_job(
+            session,
+            serving.publisher,
+            tenant_id=serving.tenant_id,
+            request=request,
+            api_key_id=serving.api_key_id,
+        )
 
 
 async def submit(
@@ -200,6 +211,61 @@ async def _events(
             await cancel_abandoned(serving, job.id)
 
 
+def _cached(
+    serving: Serving,
+    request: JobRequest,
+    policy: CachePolicy,
+    max_queued: int,
+    stream: bool,
+    include_usage: bool,
+) -> Response | None:
+    """The answer of the stored generation that answers request, counted as a cache hit;
+    or None. Built while the session that read the generation is open."""
+    if serving.cache is None:
+        return None
+    started = time.perf_counter()
+    with serving.factory() as session:
+        admit(session, tenant_id=serving.tenant_id, max_queued=max_queued)
+        hit = serving.cache.lookup(
+            session,
+            tenant_id=serving.tenant_id,
+            keys=request_cache_keys(serving.tenant_id, request),
+            policy=policy,
+            params=request.params,
+        )
+        if hit is None:
+            return None
+        answer = _cached_answer(hit, stream=stream, include_usage=include_usage)
+        count_hit(session, hit=hit, api_key_id=serving.api_key_id, started=started)
+        session.commit()
+        return answer
+
+
+def _cached_answer(hit: CacheHit, *, stream: bool, include_usage: bool) -> Response:
+    """The original request's answer, marked cached: its body, or its text as one stream
+    delta followed by the usual ending."""
+    headers = {CACHE_HEADER: "hit"}
+    if not stream:
+        return JSONResponse(response_body(hit.job) | {"cached": True}, headers=headers)
+    job = hit.job
+    frames = []
+    if job.api == "chat.completions":
+        frames.append(
+            sse(stream_chunk(job, choice={"delta": {"role": "assistant", "content": ""}}))
+        )
+    frames.append(sse(stream_chunk(job, choice=_choice(job, hit.generation.output))))
+    frames.extend(_ending(job, job, include_usage))
+    frames.append(sse("[DONE]"))
+
+    async def replay() -> AsyncIterator[bytes]:
+        for frame in frames:
+            yield frame
+
+    answer = event_stream(replay())
+    answer.headers.update(headers)
+    return answer
+
+
 def event_stream(frames: AsyncIterator[bytes]) -> StreamingResponse:
     """Server-Sent Events, neither cached nor buffered by a proxy on the way."""
     return StreamingResponse(
@@ -225,9 +291,17 @@ async def serve_generation(
     """A chat or text completion: submitted as an interactive job, streamed or awaited."""
     spec = served_model(body.model, served, task="chat")
     rag = getattr(body, "rag", None)
+    request = body.to_job(spec, queue="interactive")
+    if body.cache is not None and rag is None:
+        policy = CachePolicy(**body.cache.model_dump())
+        cached = await anyio.to_thread.run_sync(
+            _cached, serving, request, policy, max_queued, bool(body.stream), body.include_usage
+        )
+        if cached is not None:
+            return cached
     job = await submit(
         serving,
-        body.to_job(spec, queue="interactive"),
+        request,
         max_queued=max_queued,
         rag=rag.model_dump(mode="json") if rag is not None else None,
     )

@@ -249,6 +249,8 @@ PATH_OBJECTS = {
     ("/v1/collections/", "collection"): "collection",
     ("/v1/collections/", "document_id"): "document",
     ("/v1/collections/", "ingestion_id"): "ingestion",
+    ("/v1/evals/sets/", "set_id"): "eval_set",
+    ("/v1/evals/runs/", "run_id"): "eval_run",
 }
 BODIES = {
     ("POST", "/v1/chat/completions/{completion_id}"): {"metadata": {"k": "v"}},
@@ -256,6 +258,8 @@ BODIES = {
         "documents": [{"id": "b", "text": "tenant B's document"}]
     },
     ("POST", "/v1/collections/{collection}/search"): {"query": "isolation probe"},
+    ("PATCH", "/v1/generations/{generation_id}"): {"tags": ["from-b"]},
+    ("POST", "/v1/generations/{generation_id}/feedback"): {"score": 1},
 }
 
 
@@ -311,6 +315,13 @@ def _objects_of_a_tenant(client: httpx.Client) -> dict[str, str]:
         f"/v1/collections/{collection['id']}/documents",
         json={"documents": [{"id": "iso", "text": "isolation probe document"}]},
     ).json()
+    eval_set = client.post(
+        "/v1/evals/sets", json={"name": "iso-set", "items": [{"input": "hi", "reference": "x"}]}
+    ).json()
+    eval_run = client.post(
+        "/v1/evals/runs",
+        json={"set_id": eval_set["id"], "model": "tiny-random-llama", "params": {"max_tokens": 2}},
+    ).json()
     deadline = time.monotonic() + 120
     while client.get(f"/v1/training-jobs/{training['id']}").json()["status"] != "succeeded":
         assert time.monotonic() < deadline, "the training job did not succeed"
@@ -333,6 +344,8 @@ def _objects_of_a_tenant(client: httpx.Client) -> dict[str, str]:
         "collection": str(collection["id"]),
         "document": listed[0]["id"],
         "ingestion": ingestion["id"],
+        "eval_set": eval_set["id"],
+        "eval_run": eval_run["id"],
     }
 
 

@@ -10,10 +10,20 @@ from sqlalchemy.orm import Session
 
 from service import files
 from service.api.deps import CallerDep, SessionDep, WriterDep, audit
-from service.api.errors import ERROR_RESPONSES, NotFound
-from service.api.routes.listing import Cursor, Limit, list_filters
-from service.api.schemas import GenerationPublic, Page, SourceList, SourcePublic, content_files
-from service.db import crud
+from service.api.errors import ERROR_RESPONSES, InvalidRequest, NotFound
+from service.api.routes.listing import Cursor, Limit, generation_filters
+from service.api.schemas import (
+    FeedbackCreate,
+    FeedbackList,
+    FeedbackPublic,
+    GenerationPublic,
+    GenerationUpdate,
+    Page,
+    SourceList,
+    SourcePublic,
+    content_files,
+)
+from service.db import crud, feedback
 from service.db.tables import Generation
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=ERROR_RESPONSES)
@@ -30,11 +40,12 @@ def _get_generation(session: Session, tenant_id: int, generation_id: str) -> Gen
 def read_generations(
     caller: CallerDep,
     session: SessionDep,
-    filters: Annotated[crud.Filters, Depends(list_filters)],
+    filters: Annotated[crud.Filters, Depends(generation_filters)],
     cursor: Cursor = None,
     limit: Limit = 20,
 ) -> Page[GenerationPublic]:
-    """The caller's generations, newest first, filtered."""
+    """The caller's generations, newest first, filtered (also by feedback score and label,
+    tag and category)."""
     rows, has_more = crud.list_generations(
         session, tenant_id=caller.tenant_id, filters=filters, cursor=cursor, limit=limit
     )
@@ -45,6 +56,61 @@ def read_generations(
 def read_generation(generation_id: str, caller: CallerDep, session: SessionDep) -> GenerationPublic:
     """One generation."""
     return GenerationPublic.from_row(_get_generation(session, caller.tenant_id, generation_id))
+
+
+@router.patch("/{generation_id}", response_model=GenerationPublic)
+def update_generation(
+    generation_id: str, edit: GenerationUpdate, caller: WriterDep, session: SessionDep
+) -> GenerationPublic:
+    """Edit a generation's tags, category or metadata (its job's as well)."""
+    row = _get_generation(session, caller.tenant_id, generation_id)
+    try:
+        metadata = edit.applied_to(row.meta)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="metadata") from None
+    crud.set_job_metadata(session, job=row.job, metadata=metadata)
+    audit(session, caller, "generation.update", row.id, fields=sorted(edit.model_fields_set))
+    session.commit()
+    return GenerationPublic.from_row(row)
+
+
+@router.post(
+    "/{generation_id}/feedback",
+    response_model=FeedbackPublic,
+    status_code=status.HTTP_201_CREATED,
+)
+def create_feedback(
+    generation_id: str, given: FeedbackCreate, caller: WriterDep, session: SessionDep
+) -> FeedbackPublic:
+    """Judge a generation: a score, a label, a comment, and who gave it. Several may be
+    given; the generation keeps the mean score, which the listings and search filter by."""
+    row = _get_generation(session, caller.tenant_id, generation_id)
+    stored = feedback.add_feedback(
+        session,
+        generation=row,
+        score=given.score,
+        label=given.label,
+        comment=given.comment,
+        user=given.user,
+        api_key_id=caller.key_id,
+    )
+    session.commit()
+    return FeedbackPublic.from_row(stored)
+
+
+@router.get("/{generation_id}/feedback", response_model=FeedbackList)
+def read_feedback(generation_id: str, caller: CallerDep, session: SessionDep) -> FeedbackList:
+    """The feedback given on a generation, oldest first, with its mean score."""
+    row = _get_generation(session, caller.tenant_id, generation_id)
+    return FeedbackList(
+        generation_id=row.id,
+        score=row.feedback_score,
+        count=row.feedback_count,
+        data=[
+            FeedbackPublic.from_row(f)
+            for f in feedback.list_feedback(session, generation_id=row.id)
+        ],
+    )
 
 
 @router.get(

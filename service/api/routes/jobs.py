@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Literal
@@ -15,10 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.registry import REGISTRY
 from service import trained
 from service.api.deps import (
+    Caller,
     CallerDep,
     EventsDep,
     LimitsDep,
     PublisherDep,
+    ResponseCacheDep,
     ServedModelsDep,
     SessionDep,
     SessionmakerDep,
@@ -28,6 +31,7 @@ from service.api.errors import ERROR_RESPONSES, Conflict, InvalidRequest, NotFou
 from service.api.routes.collections import RetrieverDep
 from service.api.routes.listing import Cursor, Limit, list_filters
 from service.api.schemas import JobCreate, JobPublic, Page
+from service.cache import CacheHit, CachePolicy, ResponseCache, count_hit, keys_for
 from service.db import crud
 from service.db.tables import Job
 from service.events import EventSource
@@ -139,7 +143,41 @@ def _replay(session: Session, tenant_id: int, key: str, request_hash: str) -> Jo
     return job
 
 
-@router.post("", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+def _cached(
+    session: Session,
+    cache: ResponseCache,
+    caller: Caller,
+    job_in: JobCreate,
+    model: str,
+    params: dict[str, object],
+    conversation_id: str | None,
+) -> CacheHit | None:
+    """The stored generation that answers this request, counted as a cache hit; or None."""
+    assert job_in.cache is not None
+    started = time.perf_counter()
+    keys = keys_for(
+        tenant_id=caller.tenant_id,
+        api="jobs",
+        model=model,
+        input=job_in.input.model_dump(exclude_none=True),
+        params=params,
+        threaded=conversation_id is not None,
+        grounded=job_in.rag is not None,
+    )
+    policy = CachePolicy(**job_in.cache.model_dump())
+    hit = cache.lookup(session, tenant_id=caller.tenant_id, keys=keys, policy=policy, params=params)
+    if hit is not None:
+        count_hit(session, hit=hit, api_key_id=caller.key_id, started=started)
+        session.commit()
+    return hit
+
+
+@router.post(
+    "",
+    response_model=JobPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={200: {"model": JobPublic, "description": "Answered from the cache"}},
+)
 def create_job(
     job_in: JobCreate,
     caller: WriterDep,
@@ -148,6 +186,7 @@ def create_job(
     served: ServedModelsDep,
     limits: LimitsDep,
     retriever: RetrieverDep,
+    cache: ResponseCacheDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> JobPublic:
@@ -160,6 +199,12 @@ def create_job(
         return JobPublic.from_row(job)
     conversation_id, parent_id = _thread(session, caller.tenant_id, job_in)
     admit(session, tenant_id=caller.tenant_id, max_queued=limits.max_queued_jobs_per_tenant)
+    if job_in.cache is not None and (
+        hit := _cached(session, cache, caller, job_in, model, params, conversation_id)
+    ):
+        response.status_code = status.HTTP_200_OK
+        response.headers["Location"] = f"/v1/jobs/{hit.job.id}"
+        return JobPublic.from_row(hit.job).model_copy(update={"cached": True})
     context = None
     if job_in.rag is not None:
         context = retriever.ground(
@@ -181,7 +226,9 @@ def create_job(
         context=context,
     )
     try:
-        job = store_job(session, tenant_id=caller.tenant_id, request=request)
+        job = store_job(
+            session, tenant_id=caller.tenant_id, request=request, api_key_id=caller.key_id
+        )
         session.commit()
     except IntegrityError:
         # Another request with the same Idempotency-Key committed first; or the turn this

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Query
+from fastapi import Depends, Query
 
 from service.api.errors import InvalidRequest
 from service.db.crud import Filters
@@ -39,6 +40,25 @@ def list_filters(
         created_after=created_after,
         created_before=created_before,
         conversation_id=conversation_id,
+    )
+
+
+def generation_filters(
+    filters: Annotated[Filters, Depends(list_filters)],
+    min_feedback_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+    max_feedback_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+    label: Annotated[
+        str | None, Query(max_length=64, description="some feedback on it has this label")
+    ] = None,
+    category: Annotated[str | None, Query(max_length=64)] = None,
+) -> Filters:
+    """The listing filters, and those of what is known about a generation afterwards."""
+    return replace(
+        filters,
+        min_feedback_score=min_feedback_score,
+        max_feedback_score=max_feedback_score,
+        label=label,
+        category=category,
     )
 
 
