@@ -77,11 +77,18 @@ def json_value_matches(column: Any, key: str, value: Any) -> ColumnElement[bool]
     return or_(path.as_string() == value, path.as_float() == number)
 
 
-def _has_tag(column: Any, tag: str, dialect: str) -> ColumnElement[bool]:
+def _has_tags(column: Any, tags: Sequence[str], dialect: str) -> list[ColumnElement[bool]]:
+    """The row's metadata.tags holds every one of tags.
+
+    PostgreSQL: one containment test, answered by the GIN index on metadata -> 'tags'.
+    """
     if dialect == "postgresql":
-        return type_coerce(column, JSONB)["tags"].contains([tag])
-    tags = func.json_each(column, "$.tags").table_valued("value")
-    return exists(select(1).select_from(tags).where(tags.c.value == tag))
+        return [type_coerce(column, JSONB)["tags"].contains(list(tags))]
+    clauses: list[ColumnElement[bool]] = []
+    for tag in tags:
+        values = func.json_each(column, "$.tags").table_valued("value")
+        clauses.append(exists(select(1).select_from(values).where(values.c.value == tag)))
+    return clauses
 
 
 def filter_clauses(
@@ -96,7 +103,8 @@ def filter_clauses(
         clauses.append(table.created_at < filters.created_before)
     if filters.conversation_id:
         clauses.append(table.conversation_id == filters.conversation_id)
-    clauses.extend(_has_tag(table.meta, tag, dialect) for tag in filters.tags)
+    if filters.tags:
+        clauses.extend(_has_tags(table.meta, filters.tags, dialect))
     clauses.extend(
         json_value_matches(table.meta, key, value) for key, value in filters.metadata.items()
     )

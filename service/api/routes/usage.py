@@ -62,11 +62,12 @@ def read_usage(
     requests finish, per UTC day, key and model as grouped."""
     start, end = _days(start, end)
     by = _group_by(group_by)
-    rows = usage.rollup_rows(
+    found = usage.report(
         session,
         tenant_id=caller.tenant_id,
         start=start,
         end=end,
+        by=by,
         model=model,
         api_key_id=api_key_id,
     )
@@ -74,8 +75,8 @@ def read_usage(
         start=start,
         end=end,
         group_by=by,
-        total=UsageSummary(**usage.total(rows)),
-        data=[UsageSummary(**group) for group in usage.grouped(rows, by)],
+        total=UsageSummary(**found.total),
+        data=[UsageSummary(**group) for group in found.groups],
     )
 
 
@@ -92,10 +93,12 @@ def read_model_trends(
     ):
         raise NotFound(f"model {model!r} is not served here", param="model", code="model_not_found")
     start, end = _days(start, end)
-    rows = usage.rollup_rows(session, tenant_id=caller.tenant_id, start=start, end=end, model=model)
+    found = usage.report(
+        session, tenant_id=caller.tenant_id, start=start, end=end, by=["day"], model=model
+    )
     return ModelTrends(
         model=model,
         start=start,
         end=end,
-        data=[UsageSummary(**day) for day in usage.grouped(rows, ["day"])],
+        data=[UsageSummary(**day) for day in found.groups],
     )
