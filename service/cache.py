@@ -141,6 +141,23 @@ class ResponseCache:
             return self._nearest(session, tenant_id=tenant_id, keys=keys, policy=policy)
         return None
 
+    def answer(
+        self,
+        session: Session,
+        *,
+        tenant_id: int,
+        api_key_id: int | None,
+        keys: CacheKeys | None,
+        policy: CachePolicy,
+        params: dict[str, Any],
+    ) -> CacheHit | None:
+        """lookup, and a hit counted in the usage (the caller commits)."""
+        started = time.perf_counter()
+        hit = self.lookup(session, tenant_id=tenant_id, keys=keys, policy=policy, params=params)
+        if hit is not None:
+            count_hit(session, hit=hit, api_key_id=api_key_id, started=started)
+        return hit
+
     def _nearest(
         self, session: Session, *, tenant_id: int, keys: CacheKeys, policy: CachePolicy
     ) -> CacheHit | None:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import error_json
-from service.cache import CacheHit, CachePolicy, ResponseCache, count_hit
+from service.cache import CacheHit, CachePolicy, ResponseCache
 from service.db import crud
 from service.db.tables import Job
 from service.events import EventSource
@@ -223,12 +223,12 @@ def _cached(
     or None. Built while the session that read the generation is open."""
     if serving.cache is None:
         return None
-    started = time.perf_counter()
     with serving.factory() as session:
         admit(session, tenant_id=serving.tenant_id, max_queued=max_queued)
-        hit = serving.cache.lookup(
+        hit = serving.cache.answer(
             session,
             tenant_id=serving.tenant_id,
+            api_key_id=serving.api_key_id,
             keys=request_cache_keys(serving.tenant_id, request),
             policy=policy,
             params=request.params,
@@ -236,7 +236,6 @@ def _cached(
         if hit is None:
             return None
         answer = _cached_answer(hit, stream=stream, include_usage=include_usage)
-        count_hit(session, hit=hit, api_key_id=serving.api_key_id, started=started)
         session.commit()
         return answer
 

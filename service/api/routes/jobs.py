@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Literal
@@ -31,7 +30,7 @@ from service.api.errors import ERROR_RESPONSES, Conflict, InvalidRequest, NotFou
 from service.api.routes.collections import RetrieverDep
 from service.api.routes.listing import Cursor, Limit, list_filters
 from service.api.schemas import JobCreate, JobPublic, Page
-from service.cache import CacheHit, CachePolicy, ResponseCache, count_hit, keys_for
+from service.cache import CacheHit, CachePolicy, ResponseCache, keys_for
 from service.db import crud
 from service.db.tables import Job
 from service.events import EventSource
@@ -154,7 +153,6 @@ def _cached(
 ) -> CacheHit | None:
     """The stored generation that answers this request, counted as a cache hit; or None."""
     assert job_in.cache is not None
-    started = time.perf_counter()
     keys = keys_for(
         tenant_id=caller.tenant_id,
         api="jobs",
@@ -164,10 +162,15 @@ def _cached(
         threaded=conversation_id is not None,
         grounded=job_in.rag is not None,
     )
-    policy = CachePolicy(**job_in.cache.model_dump())
-    hit = cache.lookup(session, tenant_id=caller.tenant_id, keys=keys, policy=policy, params=params)
+    hit = cache.answer(
+        session,
+        tenant_id=caller.tenant_id,
+        api_key_id=caller.key_id,
+        keys=keys,
+        policy=CachePolicy(**job_in.cache.model_dump()),
+        params=params,
+    )
     if hit is not None:
-        count_hit(session, hit=hit, api_key_id=caller.key_id, started=started)
         session.commit()
     return hit
 
