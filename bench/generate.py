@@ -10,8 +10,13 @@ SciFact claims, mixed lengths) and --max-tokens for every system:
   the SQLite broker in a temp data dir), with its own default worker settings, driven
   with streamed `POST /v1/chat/completions`; peak memory is the VmHWM of the worker's
   process tree (every child of `serve` but the API).
-- peer: `transformers serve FOLDER --device cpu` on the same converted folder, without
+- peer: `transformers serve FOLDER --device DEVICE` on the same converted folder, without
   and with `--continuous-batching`; its figure at each concurrency is the faster mode.
+
+--device cuda runs all three on the GPU in bfloat16 (SDPA attention), and reports the
+GPU's name and the device memory each held; --backends embedded skips the production
+configuration where PostgreSQL and Redis are not at hand (genserve's figure is then the
+embedded one).
 
 At each --concurrency level a client keeps that many streamed requests in flight until
 the prompts are done (level 1 runs only the --alone-prompts prompts), after one warm-up
@@ -26,6 +31,7 @@ Prints tables, then with --json one JSON object as the last line. --service-env 
     .venv/bin/python -m bench.generate --json
     .venv/bin/python -m bench.generate --prompts 64 --max-tokens 128 --json
     .venv/bin/python -m bench.generate --prompts 8 --max-tokens 16 --concurrency 1,4
+    python -m bench.generate --device cuda --backends embedded --prompts 64 --max-tokens 128
 """
 
 from __future__ import annotations
@@ -64,11 +70,13 @@ TEMPLATES = (
     "Here are two scientific claims. First: {a} Second: {b} "
     "Which one is better supported by evidence, and why? Answer step by step.",
 )
-# `transformers serve FOLDER` preloads the folder and pins every request to it.
-PEER_ARGS = ("--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1")
+# `transformers serve FOLDER` preloads the folder and pins every request to it; it runs on
+# --device in the dtype genserve uses there (models.backends.select_device).
+PEER_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 PEER_MODES = {"plain": [], "continuous_batching": ["--continuous-batching"]}
 # Left out of what the servers inherit, so that "embedded" is embedded whatever the shell says.
 SERVER_URLS = ("GENSERVE_DATABASE_URL", "GENSERVE_BROKER_URL", "GENSERVE_EVENTS_URL")
+BACKENDS = ("production", "embedded")
 CONVERSION_MARKER = "genserve_conversion.json"  # models.backends.smollm2.MARKER_FILENAME
 
 
@@ -112,6 +120,7 @@ class Phase:
 class SystemRun:
     phases: dict[int, Phase] | None = None
     peak_mib: float | None = None  # VmHWM at the end of the run
+    gpu_mib: float | None = None  # device memory held at the end of the run (cuda)
     startup_s: float | None = None  # start to ready (models loaded for the peer)
     error: str | None = None
 
@@ -142,8 +151,13 @@ def convert_model(model: str, cache: str) -> str:
     return str(ensure_converted(get_spec(model), cache_dir=Path(cache)))
 
 
-def run_baseline(folder: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
-    """Runs in a spawned child: load once, warm up, generate each prompt greedily."""
+def run_baseline(
+    folder: str, prompts: list[str], max_tokens: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Runs in a spawned child: load once, warm up, generate each prompt greedily.
+
+    On cuda the model runs in bfloat16 with SDPA attention, as genserve's worker runs it.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding
     from transformers.generation.streamers import BaseStreamer
@@ -164,13 +178,16 @@ def run_baseline(folder: str, prompts: list[str], max_tokens: int) -> dict[str, 
             pass
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
 
     def generate(prompt: str, budget: int, streamer: FirstToken | None = None) -> torch.Tensor:
         encoded = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True
         )
-        input_ids = torch.tensor([cast(BatchEncoding, encoded)["input_ids"]], dtype=torch.long)
+        ids = cast(BatchEncoding, encoded)["input_ids"]
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         with torch.inference_mode():
             out = model.generate(
                 input_ids,
@@ -179,7 +196,7 @@ def run_baseline(folder: str, prompts: list[str], max_tokens: int) -> dict[str, 
                 do_sample=False,
                 streamer=streamer,
             )
-        return out[0, input_ids.shape[1] :]
+        return out[0, input_ids.shape[1] :].cpu()  # on cuda: waits for the last token
 
     generate("Say hello.", 4)
     texts, tokens, ttfts, latencies = [], [], [], []
@@ -193,7 +210,10 @@ def run_baseline(folder: str, prompts: list[str], max_tokens: int) -> dict[str, 
         tokens.append(int(new.shape[0]))
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    on_gpu = device.startswith("cuda")
     return {
+        "gpu_mib": torch.cuda.max_memory_reserved() / 2**20 if on_gpu else None,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "texts": texts,
         "tokens": tokens,
         "ttfts": ttfts,
@@ -326,6 +346,35 @@ def peak_mib(pids: list[int]) -> float | None:
             if line.startswith("VmHWM:"):
                 total, seen = total + int(line.split()[1]) / 1024, True
     return round(total, 1) if seen else None
+
+
+def gpu_used_mib() -> float | None:
+    """Device memory in use on the first GPU now (nvidia-smi), or None without one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        return float(out.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        return out.splitlines()[0].strip() or None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
 
 def worker_peak_mib(serve_pid: int) -> float | None:
@@ -507,7 +556,7 @@ def measure_genserve(
         "GENSERVE_DATA_DIR": str(data),
         "GENSERVE_MODEL_CACHE_DIR": str(args.cache),
         "GENSERVE_CHAT_MODELS": args.model,
-        "GENSERVE_DEVICE": "cpu",
+        "GENSERVE_DEVICE": args.device,
         "HF_HUB_OFFLINE": "1",
         **env,
         **args.service_env,
@@ -515,13 +564,25 @@ def measure_genserve(
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     print(f"genserve {name}: starting", flush=True)
     log = (args.logs or work) / f"genserve-{name}.log"
+    idle_gpu = gpu_used_mib()
     with served(command, env, log, signal.SIGINT) as process:
         base_url = f"http://127.0.0.1:{port}"
         startup = wait_up(process, f"{base_url}/healthz", data / "admin-key.txt", timeout=300)
         print(f"  ready in {startup:.1f}s", flush=True)
         key = (data / "admin-key.txt").read_text().strip()
         phases = measure(base_url, {"Authorization": f"Bearer {key}"}, args.model, prompts, args)
-        return SystemRun(phases, worker_peak_mib(process.pid), round(startup, 1))
+        return SystemRun(
+            phases,
+            peak_mib=worker_peak_mib(process.pid),
+            gpu_mib=gpu_held(idle_gpu),
+            startup_s=round(startup, 1),
+        )
+
+
+def gpu_held(idle: float | None) -> float | None:
+    """Device memory held now beyond what was in use before the server started."""
+    now = gpu_used_mib()
+    return round(now - idle, 1) if now is not None and idle is not None else None
 
 
 # --- (c) the peer: transformers serve --------------------------------------------------------
@@ -532,7 +593,12 @@ def measure_peer(
 ) -> SystemRun:
     cli = Path(sys.executable).with_name("transformers")
     port = free_port()
-    command = [str(cli), "serve", str(folder), *PEER_ARGS, "--port", str(port), *PEER_MODES[mode]]
+    command = [
+        *(str(cli), "serve", str(folder), "--device", args.device),
+        *("--dtype", PEER_DTYPES[args.device], "--host", "127.0.0.1", "--port", str(port)),
+        *PEER_MODES[mode],
+    ]
+    idle_gpu = gpu_used_mib()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     print(f"peer {mode}: starting", flush=True)
     with served(command, env, (args.logs or work) / f"peer-{mode}.log", signal.SIGTERM) as process:
@@ -543,7 +609,12 @@ def measure_peer(
         if mode == "plain" and args.peer_plain_levels:
             levels = [c for c in args.concurrency if c in args.peer_plain_levels]
         phases = measure(base_url, {}, str(folder), prompts, args, levels)
-        return SystemRun(phases, peak_mib([process.pid]), round(startup, 1))
+        return SystemRun(
+            phases,
+            peak_mib=peak_mib([process.pid]),
+            gpu_mib=gpu_held(idle_gpu),
+            startup_s=round(startup, 1),
+        )
 
 
 def count_peer_tokens(runs: dict[str, dict[int, Phase]], folder: Path) -> str:
@@ -582,6 +653,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "cpu": cpu,
+        "gpu": gpu_name(),
     }
 
 
@@ -617,6 +689,7 @@ ROW = "{:<26}{:>5}{:>6}{:>9}{:>10}{:>10}{:>10}{:>10}{:>7}{:>7}"
 def print_table(result: dict[str, Any], levels: list[int], notes: list[str]) -> None:
     m, memory = result["machine"], result["peak_memory_mib"]
     print(f"\nmachine: {m['arch']}, {m['cores']} cores, {m['platform']}, CPU {m['cpu']}")
+    print(f"device: {result['device']}, GPU memory held (MiB): {result['gpu_memory_mib']}")
     print(
         f"model {result['model']}, {result['prompts']} prompts ({result['alone_prompts']} at "
         f"concurrency 1 and for the baseline), greedy, max_tokens {result['max_tokens']}, "
@@ -629,18 +702,18 @@ def print_table(result: dict[str, Any], levels: list[int], notes: list[str]) -> 
                      _fmt(result["baseline_p99_ms"]), _fmt(result["baseline_ttft_ms"]),
                      _fmt(memory["baseline"]), "", ""))  # fmt: skip
     systems = [
-        ("genserve production", "genserve", result["genserve_error"]),
+        ("genserve production", "genserve_production", result["genserve_error"]),
         ("genserve embedded", "genserve_embedded", result["genserve_embedded_error"]),
     ]
     for mode in PEER_MODES:
         systems.append((f"peer {mode}", f"peer_{mode}", result["peer_mode_errors"].get(mode)))
     for name, key, error in systems:
         if error:
-            print(f"{name:<26}failed: {error[:200]}")
+            print(f"{name:<26}{'' if error.startswith('not run') else 'failed: '}{error[:200]}")
         rows = result["peer_modes"][key[5:]] if key.startswith("peer_") else result[key]
         for n, level in enumerate(levels):
             if rows and str(level) in rows:
-                peak = memory[key] if n == 0 else None
+                peak = memory[key.removesuffix("_production")] if n == 0 else None
                 _print_row(name, level, rows[str(level)], peak, result, peer=key.startswith("peer"))
     print("(* partial: the phase limit stopped new requests; figures over those completed)")
     print_notes(result, levels, notes)
@@ -669,7 +742,7 @@ def print_notes(result: dict[str, Any], levels: list[int], notes: list[str]) -> 
         print(f"peer: {result['peer_error']}")
     print(f"peer completion tokens counted by {result['peer_tokens_counted_by']}")
     print(
-        f"greedy-identical (genserve production c={max(levels)} vs baseline): "
+        f"greedy-identical (genserve {result['genserve_backend']} c={max(levels)} vs baseline): "
         f"{result['greedy_identical_fraction']} over {result['greedy_compared']} prompts"
     )
     for note in notes:
@@ -704,6 +777,17 @@ def best_peer(modes: dict[str, dict[int, Phase]]) -> dict[str, dict[str, Any]] |
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=sorted(PEER_DTYPES),
+        help="where every system runs the model (cuda: bfloat16, as genserve's worker does)",
+    )
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="genserve's configurations to run: production (PostgreSQL + Redis), embedded",
+    )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
@@ -715,6 +799,11 @@ def parse_args() -> argparse.Namespace:
         help="levels the unbatched peer runs (default all); it serves one request at a time, "
         "so at high concurrency it only repeats its concurrency-1 rate, slowly",
     )
+    parser.add_argument(
+        "--peer-modes",
+        default=",".join(PEER_MODES),
+        help=f"the peer's modes to run, a subset of {', '.join(PEER_MODES)}",
+    )
     parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/7", help="flushed")
@@ -724,6 +813,12 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     args.peer_plain_levels = {int(c) for c in args.peer_plain_levels.split(",") if c.strip()}
+    args.peer_modes = [m.strip() for m in args.peer_modes.split(",") if m.strip()]
+    if not set(args.peer_modes) <= set(PEER_MODES):
+        parser.error(f"--peer-modes takes a comma-separated subset of {', '.join(PEER_MODES)}")
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not args.backends or not set(args.backends) <= set(BACKENDS):
+        parser.error(f"--backends takes a comma-separated subset of {', '.join(BACKENDS)}")
     if args.prompts < 1 or not args.concurrency or args.concurrency[0] < 1:
         parser.error("--prompts and every --concurrency level must be >= 1")
     if args.alone_prompts is None:
@@ -756,16 +851,22 @@ def run_servers(args: argparse.Namespace, prompts: list[str], folder: Path) -> d
     runs = {}
     with tempfile.TemporaryDirectory(prefix="genserve-bench-generate-") as tmp:
         work = Path(tmp)
-        with postgres_database(args.postgres_url) as db_url, flushed_redis(args.redis_url):
-            env = {"GENSERVE_DATABASE_URL": db_url, "GENSERVE_BROKER_URL": args.redis_url}
-            runs["genserve"] = attempt(
-                "genserve production",
-                partial(measure_genserve, args, prompts, work, "production", env),
+        runs["genserve"] = runs["genserve_embedded"] = SystemRun(error="not run (--backends)")
+        if "production" in args.backends:
+            with postgres_database(args.postgres_url) as db_url, flushed_redis(args.redis_url):
+                env = {"GENSERVE_DATABASE_URL": db_url, "GENSERVE_BROKER_URL": args.redis_url}
+                runs["genserve"] = attempt(
+                    "genserve production",
+                    partial(measure_genserve, args, prompts, work, "production", env),
+                )
+        if "embedded" in args.backends:
+            runs["genserve_embedded"] = attempt(
+                "genserve embedded", partial(measure_genserve, args, prompts, work, "embedded", {})
             )
-        runs["genserve_embedded"] = attempt(
-            "genserve embedded", partial(measure_genserve, args, prompts, work, "embedded", {})
-        )
         for mode in PEER_MODES:
+            if mode not in args.peer_modes:
+                runs[f"peer_{mode}"] = SystemRun(error="not run (--peer-modes)")
+                continue
             runs[f"peer_{mode}"] = attempt(
                 f"peer {mode}", partial(measure_peer, args, prompts, work, folder, mode)
             )
@@ -780,19 +881,26 @@ def build_result(
     peer = best_peer(peer_runs)
     errors = {m: runs[f"peer_{m}"].error for m in PEER_MODES if runs[f"peer_{m}"].error}
     peer_error = None if peer else "; ".join(f"{m}: {e}" for m, e in errors.items()) or "no data"
-    production = runs["genserve"].phases or {}
-    fraction, compared, notes = greedy_identical(base, production.get(max(args.concurrency)))
+    # The production configuration is genserve's figure; without it (--backends), embedded.
+    backend = "production" if runs["genserve"].phases is not None else "embedded"
+    genserve = runs["genserve" if backend == "production" else "genserve_embedded"]
+    fraction, compared, notes = greedy_identical(
+        base, (genserve.phases or {}).get(max(args.concurrency))
+    )
     peer_mib = [mib for m in PEER_MODES if (mib := runs[f"peer_{m}"].peak_mib) is not None]
     result: dict[str, Any] = {
         "model": args.model,
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
         "baseline_tok_s": round(sum(base["tokens"]) / base["wall_s"], 2),
-        "genserve": levels_of(runs["genserve"].phases),
+        "genserve": levels_of(genserve.phases),
+        "genserve_backend": backend,
+        "device": base["device"],
         "peer": peer,
         "peer_error": peer_error,
         "greedy_identical_fraction": fraction,
         "greedy_compared": compared,
+        "genserve_production": levels_of(runs["genserve"].phases),
         "genserve_embedded": levels_of(runs["genserve_embedded"].phases),
         "genserve_error": runs["genserve"].error,
         "genserve_embedded_error": runs["genserve_embedded"].error,
@@ -805,6 +913,10 @@ def build_result(
             "genserve_embedded": runs["genserve_embedded"].peak_mib,
             "peer": max(peer_mib, default=None),
             **{f"peer_{m}": runs[f"peer_{m}"].peak_mib for m in PEER_MODES},
+        },
+        "gpu_memory_mib": {
+            "baseline": round(base["gpu_mib"], 1) if base["gpu_mib"] is not None else None,
+            **{name: run.gpu_mib for name, run in runs.items()},
         },
         "startup_s": {name: run.startup_s for name, run in runs.items()},
         "baseline_ttft_ms": _ms(base["ttfts"], 50),
@@ -827,7 +939,9 @@ def main() -> None:
     prompts = build_prompts(args.prompts)
     folder = ensure_folder(args.model, args.cache)
     print(f"baseline: transformers generate on {args.alone_prompts} prompts", flush=True)
-    base = in_child(run_baseline, str(folder), prompts[: args.alone_prompts], args.max_tokens)
+    base = in_child(
+        run_baseline, str(folder), prompts[: args.alone_prompts], args.max_tokens, args.device
+    )
     print(f"  {sum(base['tokens']) / base['wall_s']:.1f} tok/s", flush=True)
     runs = run_servers(args, prompts, folder)
     result, notes = build_result(args, base, runs, folder)

@@ -46,14 +46,23 @@ def model_cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
-    """The tiny random Llama (built in code), loaded once for the unit tests."""
+    """The tiny random Llama (built in code), loaded once for the unit tests.
+
+    GENSERVE_TEST_DEVICE=cuda runs the decoding and engine tests on a GPU. The weights stay
+    float32 there (TF32 off): the tests compare batched and lone decoding token for token,
+    which bfloat16 rounding would turn into a test of near-ties.
+    """
     from models.backends import load_model
     from models.registry import get_spec
 
+    device = os.environ.get("GENSERVE_TEST_DEVICE", "cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     model = load_model(
         get_spec("tiny-random-llama"),
         cache_dir=tmp_path_factory.mktemp("cache"),
-        device="cpu",
+        device=device,
         dtype=torch.float32,
     )
     assert isinstance(model, CausalLM)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 from models.backends.causal_lm import CausalLM
 from models.backends.decoding import BatchDecoder, DecodeRequest, GenerationOutput, SamplingParams
@@ -163,3 +166,26 @@ def test_checks_happen_before_a_request_reaches_the_batch(tiny_lm: CausalLM) -> 
         tiny_lm.request([97] * 500, SamplingParams(max_new_tokens=20))
     with pytest.raises(ValueError, match="temperature"):
         tiny_lm.request([97], SamplingParams(max_new_tokens=2, temperature=3.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_on_cuda_never_uses_cudnn_attention(tmp_path: Path) -> None:
+    """cuDNN attention compiles a graph per shape, and a batch's shape changes every step."""
+    from models.backends import load_model
+    from models.registry import get_spec
+
+    lm = load_model(
+        get_spec("tiny-random-llama"), cache_dir=tmp_path, device="cuda", dtype=torch.bfloat16
+    )
+    assert isinstance(lm, CausalLM)
+    decoder = lm.decoder(max_batch=4)
+    requests = [
+        lm.request(p, SamplingParams(max_new_tokens=6, temperature=0))
+        for p in mixed_prompts(lm, 4, seed=5)
+    ]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        outputs = run_batched(decoder, requests, arrive_per_step=2)
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in ops
+    assert not [op for op in ops if "cudnn_attention" in op]
+    assert all(o.completion_tokens == 6 or o.finish_reason == "stop" for o in outputs.values())
