@@ -348,33 +348,26 @@ def peak_mib(pids: list[int]) -> float | None:
     return round(total, 1) if seen else None
 
 
+def nvidia_smi(field: str) -> str | None:
+    """The first GPU's value of one nvidia-smi query field, or None without a GPU."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
 def gpu_used_mib() -> float | None:
-    """Device memory in use on the first GPU now (nvidia-smi), or None without one."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        return float(out.splitlines()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
-
-
-def gpu_name() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        return out.splitlines()[0].strip() or None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
+    """Device memory in use on the first GPU now, in MiB, or None without one."""
+    used = nvidia_smi("memory.used")
+    return float(used) if used is not None else None
 
 
 def worker_peak_mib(serve_pid: int) -> float | None:
@@ -653,7 +646,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "cpu": cpu,
-        "gpu": gpu_name(),
+        "gpu": nvidia_smi("name"),
     }
 
 
