@@ -8,7 +8,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +19,7 @@ from service.db import crud, tenants
 from service.db.tables import Generation, GenerationSource, Job, new_id
 from service.events import EventSink
 from service.rag import grounding
+from service.turns import turn_messages, turn_text
 from workers import evals, ingest, sampling
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
@@ -32,19 +32,6 @@ logger = logging.getLogger("genserve.worker")
 # How long a job thread waits for its generation's next delta before it looks at its
 # cancellation flag again.
 FOLLOW_POLL_S = 0.25
-
-
-def turn_messages(turn_input: dict[str, Any]) -> list[dict[str, str]]:
-    """The chat messages a stored input adds: a prompt is one user turn."""
-    if "messages" in turn_input:
-        return [{"role": m["role"], "content": m["content"]} for m in turn_input["messages"]]
-    return [{"role": "user", "content": turn_input["prompt"]}]
-
-
-def turn_text(turn_input: dict[str, Any]) -> str:
-    if "messages" in turn_input:
-        return str(turn_input["messages"][-1]["content"])
-    return str(turn_input["prompt"])
 
 
 def encode_job(
