@@ -288,7 +288,7 @@ def mark_published(session: Session, *, job_id: str) -> None:
 
 
 # What the usage counts of a job that ends (usage.Ended), read back by UPDATE ... RETURNING.
-ENDED = (Job.tenant_id, Job.model, Job.api_key_id, Job.created_at)
+ENDED = (Job.tenant_id, Job.model, Job.api_key_id, Job.created_at, Job.api)
 
 
 def end_jobs(session: Session, *where: ColumnElement[bool], status: str, **values: Any) -> int:
