@@ -20,7 +20,7 @@ from service.db.tables import Generation, GenerationSource, Job, new_id
 from service.events import EventSink
 from service.rag import grounding
 from service.turns import turn_messages, turn_text
-from workers import evals, ingest, sampling
+from workers import evals, exports, ingest, sampling
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
@@ -276,9 +276,11 @@ def run_job(
     events: EventSink | None = None,
     time_limit_s: float,
     ingestion_time_limit_s: float | None = None,
+    export_time_limit_s: float | None = None,
 ) -> Outcome:
     """Claim the job and run it: chat models generate, embedding models embed, trained
-    models sample (workers.sampling), ingestions fill a collection (workers.ingest).
+    models sample (workers.sampling), ingestions fill a collection (workers.ingest),
+    exports write the history's pairs to a file (workers.exports).
 
     A generation and its embeddings are stored in one transaction. An interactive job's
     tokens are published to events as they come, and its end after the commit (batch jobs
@@ -294,6 +296,9 @@ def run_job(
         return Outcome(
             ingest.run_ingestion(factory, runtime, job, leases=leases, time_limit_s=limit)
         )
+    if job.api == "export":
+        limit = export_time_limit_s or time_limit_s
+        return Outcome(exports.run_export_job(factory, job, leases=leases, time_limit_s=limit))
     # Every waiting request wakes on the stream's end, embeddings requests too.
     tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
     tokens.start()
