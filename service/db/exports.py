@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, null, select
 from sqlalchemy.orm import Session
 
 from service.db import crud, tenants
+from service.db.session import BINARY_RESULTS
 from service.db.tables import Embedding, Generation, Job, new_id
 
 EXPORT_API = "export"
@@ -78,15 +79,19 @@ def export_rows(
     *,
     tenant_id: int,
     filters: crud.Filters,
-    embedding_model: str,
+    embedding_model: str | None,
     after: str,
     until: str,
     limit: int,
 ) -> Sequence[Row[Any]]:
     """The next page of generations passing filters with after < id <= until, in id order:
-    (id, input, output, prompt_vector, output_vector); a vector is None when missing."""
+    (id, input, output, prompt_vector, output_vector); a vector is None when missing, and
+    always without an embedding model.
+    """
 
     def vector(kind: str) -> Any:
+        if embedding_model is None:
+            return null()
         return (
             select(Embedding.vector)
             .where(
@@ -116,4 +121,4 @@ def export_rows(
         .order_by(Generation.id)
         .limit(limit)
     )
-    return session.execute(query).all()
+    return session.execute(query.execution_options(**{BINARY_RESULTS: True})).all()

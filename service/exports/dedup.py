@@ -84,7 +84,6 @@ class NearDuplicates:
         self.nprobe = nprobe
         self._flat: Any = faiss.IndexFlatIP(dimension)
         self._ivf: Any = None  # faiss.IndexIVFFlat once trained
-        self._centroids = np.zeros((0, dimension), dtype=np.float32)
         self._kept = 0
         faiss.omp_set_num_threads(min(THREADS, os.cpu_count() or 1))
 
@@ -152,15 +151,13 @@ class NearDuplicates:
         ivf.cp.seed = KMEANS_SEED
         ivf.cp.min_points_per_centroid = 1  # a few per list place the lists well enough
         ivf.train(kept)
-        centroids = faiss.rev_swig_ptr(quantizer.get_xb(), self.nlist * self.dimension)
-        self._centroids = centroids.reshape(self.nlist, self.dimension).copy()
         self._ivf, self._flat = ivf, None
-        self._add(kept, (kept @ self._centroids.T).argmax(axis=1))
+        self._add(kept, quantizer.search(kept, 1)[1][:, 0])
 
     def _keep_ivf(self, batch: np.ndarray) -> np.ndarray:
-        scores = batch @ self._centroids.T  # (B, nlist)
-        probed = np.argpartition(scores, -self.nprobe, axis=1)[:, -self.nprobe :]
-        home = scores.argmax(axis=1)
+        # The nearest centroids, nearest first: the lists compared, and the one joined.
+        probed = self._ivf.quantizer.search(batch, self.nprobe)[1]  # (B, nprobe)
+        home = probed[:, 0]
         rows = np.arange(len(batch))
         best = np.full(len(batch), -np.inf, dtype=np.float32)
         for number, queries in _by_list(probed, rows):
@@ -187,7 +184,7 @@ class NearDuplicates:
         """A view of the vectors in one list of the IVF index, valid until the next add."""
         size = self._ivf.invlists.list_size(number)
         if not size:
-            return self._centroids[:0]
+            return np.empty((0, self.dimension), dtype=np.float32)
         codes = faiss.rev_swig_ptr(self._ivf.invlists.get_codes(number), size * 4 * self.dimension)
         return codes.view(np.float32).reshape(size, self.dimension)
 

@@ -18,6 +18,7 @@ from service.turns import is_text_turn, turn_messages, turn_text
 # Bumped when the same rows would make other bytes; the manifest records it.
 FORMAT_VERSION = 1
 Format = Literal["openai_chat", "prompt_completion"]
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -40,5 +41,5 @@ def line_of(fmt: Format, turn_input: dict[str, Any], output: str) -> Line | None
         text = turn_text(turn_input)
         record = {"prompt": text, "completion": output}
         parts = [text, output]
-    data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    data = (_ENCODER.encode(record) + "\n").encode()
     return Line(data=data, key=text_key(parts))

@@ -17,7 +17,9 @@ matched = skipped (not a text pair) + exact_duplicates + near_duplicates + writt
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +171,23 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def _read_ahead(
+    session: Session, read: Callable[[Session, str], Sequence[Row[Any]]]
+) -> Generator[Sequence[Row[Any]], None, None]:
+    """The pages in id order, each read on a thread of its own (in a session of its own)
+    while the caller works on the page before: the database and the decoding of its rows
+    run beside the deduplication, which leaves the GIL for its matrix products."""
+    with Session(session.get_bind()) as reader, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, reader, "")
+        while True:
+            rows = pending.result()
+            if len(rows) == PAGE:
+                pending = pool.submit(read, reader, rows[-1].id)
+            yield rows
+            if len(rows) < PAGE:
+                return
+
+
 def run_export(
     session: Session,
     *,
@@ -200,24 +219,28 @@ def run_export(
     until = request.snapshot or exports.latest_generation_id(session, tenant_id=tenant_id)
     exporter = _Exporter(request, writer)
     filters = to_filters(request.filters)
-    after = ""
-    while until is not None and not exporter.full:
-        if should_stop():
-            raise ExportStopped
-        rows = exports.export_rows(
-            session,
+
+    def read(reader: Session, after: str) -> Sequence[Row[Any]]:
+        assert until is not None
+        return exports.export_rows(
+            reader,
             tenant_id=tenant_id,
             filters=filters,
-            embedding_model=embedding_model,
+            embedding_model=embedding_model if request.dedup.near else None,
             after=after,
             until=until,
             limit=PAGE,
         )
-        for row in rows:
-            exporter.add(row)
-        if len(rows) < PAGE:
-            break
-        after = rows[-1].id
+
+    if until is not None:
+        with closing(_read_ahead(session, read)) as pages:
+            for rows in pages:
+                if should_stop():
+                    raise ExportStopped
+                for row in rows:
+                    exporter.add(row)
+                if exporter.full:
+                    break
     exporter.flush()
     file = writer.close()
     manifest = {
