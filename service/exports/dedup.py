@@ -45,12 +45,12 @@ def fold(text: str) -> str:
 
 
 def text_key(parts: Sequence[str]) -> bytes:
-    """The sha256 of the folded parts; two rows with the same key are exact duplicates."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(fold(part).encode())
-        digest.update(b"\x1f")  # a separator folding never leaves in the text
-    return digest.digest()
+    """The sha256 of the folded parts; two rows with the same key are exact duplicates.
+
+    The parts are folded as one text with NUL between them, which stored text never holds
+    (service/storable.py), so moving words from one part to the next changes the key.
+    """
+    return hashlib.sha256(fold(" \x00 ".join(parts)).encode()).digest()
 
 
 class NearDuplicates:

@@ -168,7 +168,7 @@ def pair_vectors(pairs: list[tuple[bytes, bytes]], dimension: int) -> tuple[np.n
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 def _read_ahead(
