@@ -11,7 +11,8 @@ FLAT_BATCH rows, whose rows are compared with each other by their Gram matrix. P
 `ivf_after` kept rows it becomes an IndexIVFFlat trained on them (k-means, `nlist` lists):
 a row is then compared only with the rows in the `nprobe` lists whose centroids are nearest
 to it, so a near duplicate in another list is missed (the index is approximate; see
-docs/benchmarks.md for its recall). Its lists are scanned list by list for a whole batch
+docs/benchmarks.md for its recall), and a row is checked against the first MAX_CANDIDATES
+earlier rows of its batch that are near it. Its lists are scanned list by list for a whole batch
 with one matrix product each, as faiss.contrib.big_batch_search does: FAISS's own search
 takes one query at a time and reads every probed list for each, which on two cores is
 bound by memory bandwidth at a few thousand rows a second once the index holds a million.

@@ -99,8 +99,9 @@ class _Exporter:
         line = line_of(self.request.format, row.input, row.output)
         pending = _Pending(line)
         if line is not None:
-            pending.duplicate = self.request.dedup.exact and line.key in self.seen
-            self.seen.add(line.key)
+            if self.request.dedup.exact:
+                pending.duplicate = line.key in self.seen
+                self.seen.add(line.key)
             vectors = (row.prompt_vector, row.output_vector)
             if self.request.dedup.near and None not in vectors:
                 pending.vectors = vectors
