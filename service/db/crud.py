@@ -16,6 +16,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    literal_column,
     not_,
     or_,
     select,
@@ -113,10 +114,14 @@ def json_value_matches(column: Any, key: str, value: Any, dialect: str) -> Colum
 def _has_tags(column: Any, tags: Sequence[str], dialect: str) -> list[ColumnElement[bool]]:
     """The row's metadata.tags holds every one of tags.
 
-    PostgreSQL: one containment test, answered by the GIN index on metadata -> 'tags'.
+    PostgreSQL: one containment test, answered by the GIN index on metadata -> 'tags'
+    (migration 0007) when the planner expects few matches. The expression is written as
+    the index's, with the key inline: PostgreSQL matches an index expression as written,
+    and the subscript metadata['tags'] (SQLAlchemy's rendering of ["tags"]) is another.
     """
     if dialect == "postgresql":
-        return [type_coerce(column, JSONB)["tags"].contains(list(tags))]
+        tags_of = type_coerce(column.op("->")(literal_column("'tags'")), JSONB)
+        return [tags_of.contains(list(tags))]
     clauses: list[ColumnElement[bool]] = []
     for tag in tags:
         values = func.json_each(column, "$.tags").table_valued("value")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql
 
 from service.db import crud, tenants
 from service.db.session import make_engine, make_sessionmaker
@@ -158,3 +159,13 @@ def test_metadata_filters_compare_typed_values_and_origin(db_url: str) -> None:
         assert found(metadata={"k": True}) == {"flag"}
         assert found(synthetic=True) == {"flag"}
         assert found(synthetic=False) == set(rows) - {"flag"}
+
+
+def test_a_tag_filter_is_written_as_the_gin_index_on_postgresql() -> None:
+    # PostgreSQL uses an expression index only for the expression as written in the index
+    # (migration 0007: metadata -> 'tags'); metadata['tags'] would never use it.
+    query = select(Generation.id).where(
+        *crud.filter_clauses(Generation, crud.Filters(tags=("a", "b")), "postgresql")
+    )
+    sql = str(query.compile(dialect=postgresql.dialect()))
+    assert "(generations.metadata -> 'tags') @>" in sql
