@@ -85,6 +85,7 @@ class NearDuplicates:
         self.nprobe = nprobe
         self._flat: Any = faiss.IndexFlatIP(dimension)
         self._ivf: Any = None  # faiss.IndexIVFFlat once trained
+        self._trained_on = 0
         self._kept = 0
         faiss.omp_set_num_threads(min(THREADS, os.cpu_count() or 1))
 
@@ -100,7 +101,7 @@ class NearDuplicates:
             "kind": "ivf",
             "nlist": self.nlist,
             "nprobe": self.nprobe,
-            "trained_on": self.ivf_after,
+            "trained_on": self._trained_on,
         }
 
     def keep(self, vectors: np.ndarray) -> np.ndarray:
@@ -152,7 +153,7 @@ class NearDuplicates:
         ivf.cp.seed = KMEANS_SEED
         ivf.cp.min_points_per_centroid = 1  # a few per list place the lists well enough
         ivf.train(kept)
-        self._ivf, self._flat = ivf, None
+        self._ivf, self._flat, self._trained_on = ivf, None, count
         self._add(kept, quantizer.search(kept, 1)[1][:, 0])
 
     def _keep_ivf(self, batch: np.ndarray) -> np.ndarray:
