@@ -1,4 +1,5 @@
-"""The history at scale on PostgreSQL: list, filter and usage queries over --n generations.
+"""The history at scale on PostgreSQL: list, filter and usage queries, and exports, over
+--n generations.
 
 Loads one tenant's --n generations (default 1M; their jobs too) into a fresh PostgreSQL
 database with server-side generate_series: 90 days of history, three models, tags from
@@ -8,6 +9,16 @@ each query the API runs for GET /v1/generations (unfiltered and with each filter
 GET /v1/usage is timed through genserve's own functions, --repeat times each: median
 and p99 in ms, with the plan's access path from EXPLAIN. The same queries run again
 after dropping the indexes migration 0007 added (the baseline), in the same run.
+
+Exports (--export-repeat > 0): 2% of the generations are given the texts of an earlier
+one (exact duplicates), and every generation a prompt and an output embedding (the same
+random unit vector, 384 floats, COPY'd in), 5% of them near copies (cosine 0.97) of an
+earlier one, in clusters of about two copies per original. The whole history is then
+exported in-process through genserve's export function (service.exports.run, as the
+worker runs it, not over HTTP) with exact and near dedup, and with dedup off, the median
+of --export-repeat runs each; each run writes its file and rolls it back. On the first
+--slice rows the near-duplicate index is timed against the exact flat index alone, whose
+drops are the truth its recall is measured against.
 
     .venv/bin/python -m bench.history --n 1000000 --json
 """
@@ -24,15 +35,19 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select, text
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
+from service.api.schemas import DedupOptions, ExportCreate
 from service.db import crud, usage
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
 from service.db.tables import Generation, UsageRollup, utcnow
+from service.exports.dedup import NearDuplicates
+from service.exports.run import DEDUP_BATCH, run_export
 from tests.conftest import create_pg_database, drop_pg_database
 
 DAYS = 90
@@ -83,6 +98,21 @@ LOAD = [
 ]
 
 
+# Exports: exact duplicates (the texts of every 50th row, from 0, again seven rows later)
+# and near copies.
+DIMENSION = 384
+EMBEDDER = "bench-embedder"
+NEAR_SHARE = 0.05
+NEAR_COSINE = 0.97
+COPY_SOURCES = """
+    UPDATE generations AS g
+    SET input = s.input, prompt = s.prompt, output = s.output
+    FROM (SELECT id, lead(id, 7) OVER (ORDER BY id) AS copy, input, prompt, output,
+                 row_number() OVER (ORDER BY id) AS i
+          FROM generations) AS s
+    WHERE g.id = s.copy AND (s.i - 1) % 50 = 0"""
+
+
 class Explain(Executable, ClauseElement):
     """EXPLAIN of a statement, its parameters bound as the statement's own."""
 
@@ -105,6 +135,128 @@ def load(url: str, n: int) -> float:
             connection.execute(text(statement), {"n": n, "span_ms": DAYS * 86_400_000})
     engine.dispose()
     return time.perf_counter() - started
+
+
+def plant(url: str, seed: int = 0) -> dict[str, Any]:
+    """Exact duplicates and every generation's embeddings, with near copies planted."""
+    started = time.perf_counter()
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        exact = connection.execute(text(COPY_SOURCES)).rowcount
+        ids = list(connection.scalars(text("SELECT id FROM generations ORDER BY id")))
+    vectors, near = planted_vectors(len(ids), exact_every=50, seed=seed)
+    raw = engine.raw_connection()
+    try:
+        driver: Any = raw.driver_connection  # psycopg's, for COPY
+        with (
+            driver.cursor() as cursor,
+            cursor.copy(
+                "COPY embeddings (tenant_id, generation_id, kind, model, dimension, vector, "
+                "created_at) FROM STDIN"
+            ) as copy,
+        ):
+            now = utcnow()
+            for gid, vector in zip(ids, vectors, strict=True):
+                data = vector.tobytes()
+                for kind in ("prompt", "output"):
+                    copy.write_row((1, gid, kind, EMBEDDER, DIMENSION, data, now))
+        raw.commit()
+    finally:
+        raw.close()
+    with engine.begin() as connection:
+        connection.execute(text("ANALYZE embeddings"))
+    engine.dispose()
+    return {"exact": exact, "near": near, "load_s": round(time.perf_counter() - started, 1)}
+
+
+def planted_vectors(count: int, *, exact_every: int, seed: int) -> tuple[np.ndarray, int]:
+    """count random unit vectors in id order; an exact duplicate (row i of each
+    exact_every from i = 7) gets its source's vector, and NEAR_SHARE of the others are near
+    copies of an earlier original, about two copies to an original. Returns the vectors
+    and the number of near copies."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((count, DIMENSION), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = np.arange(count)
+    exact = index % exact_every == 7
+    vectors[exact] = vectors[index[exact] - 7]
+    free = index[~exact & (index % exact_every != 0) & (index > 1000)]
+    copies = np.sort(rng.choice(free, size=int(NEAR_SHARE * count), replace=False))
+    originals = np.setdiff1d(index[~exact], copies)
+    pool = np.sort(rng.choice(originals, size=len(copies) // 2, replace=False))
+    for copy in copies:
+        source = pool[rng.integers(0, max(1, np.searchsorted(pool, copy)))]
+        noise = rng.standard_normal(DIMENSION).astype(np.float32)
+        noise -= (noise @ vectors[source]) * vectors[source]
+        noise /= np.linalg.norm(noise)
+        vectors[copy] = NEAR_COSINE * vectors[source] + np.sqrt(1 - NEAR_COSINE**2) * noise
+    return vectors, len(copies)
+
+
+def measure_exports(url: str, repeat: int) -> dict[str, dict[str, Any]]:
+    """The whole history exported with dedup (exact and near), exact only, and without:
+    median rows/s. Without near dedup no embeddings are read."""
+    engine = make_engine(url)
+    factory = make_sessionmaker(engine)
+    modes = {
+        "dedup": DedupOptions(),
+        "exact_only": DedupOptions(near=False),
+        "no_dedup": DedupOptions(exact=False, near=False),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for name, dedup in modes.items():
+        times, manifest = [], {}
+        for _ in range(repeat):
+            with factory() as session:
+                started = time.perf_counter()
+                manifest = run_export(
+                    session,
+                    export_id=f"bench_{name}",
+                    tenant_id=1,
+                    request=ExportCreate(dedup=dedup),
+                    embedding_model=EMBEDDER,
+                )
+                times.append(time.perf_counter() - started)
+                session.rollback()
+        seconds = statistics.median(times)
+        results[name] = {
+            "seconds": round(seconds, 1),
+            "rows_per_s": round(manifest["counts"]["matched"] / seconds),
+            "runs_s": [round(t, 1) for t in times],
+            "counts": manifest["counts"],
+            "index": manifest["index"],
+            "mb": round(manifest["bytes"] / 2**20, 1),
+        }
+    engine.dispose()
+    return results
+
+
+def measure_index(vectors: np.ndarray) -> dict[str, Any]:
+    """The near-duplicate index against the exact flat index alone on the same rows."""
+    found: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for name, index in (
+        ("flat", NearDuplicates(DIMENSION, 0.95, ivf_after=len(vectors) + 1)),
+        ("genserve", NearDuplicates(DIMENSION, 0.95)),
+    ):
+        started = time.perf_counter()
+        found[name] = np.concatenate(
+            [
+                index.keep(vectors[start : start + DEDUP_BATCH])
+                for start in range(0, len(vectors), DEDUP_BATCH)
+            ]
+        )
+        seconds[name] = time.perf_counter() - started
+    truth, kept = ~found["flat"], ~found["genserve"]
+    return {
+        "rows": len(vectors),
+        "flat_rows_per_s": round(len(vectors) / seconds["flat"]),
+        "genserve_rows_per_s": round(len(vectors) / seconds["genserve"]),
+        "flat_dropped": int(truth.sum()),
+        "genserve_dropped": int(kept.sum()),
+        "recall": round(float((truth & kept).sum() / max(1, truth.sum())), 4),
+        "false_drops": int((kept & ~truth).sum()),
+    }
 
 
 def listings() -> dict[str, crud.Filters]:
@@ -187,14 +339,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=100)
+    parser.add_argument("--export-repeat", type=int, default=3, help="0: no exports")
+    parser.add_argument("--slice", type=int, default=50_000, help="rows of the index check")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
     url = create_pg_database()
+    exports: dict[str, Any] = {}
     try:
         upgrade(url)
         load_s = load(url, args.n)
         print(f"loaded {args.n} generations in {load_s:.1f} s")
         genserve = measure(url, args.repeat)
+        if args.export_repeat:
+            exports = export_phase(url, args.n, args.export_repeat, args.slice)
         engine = make_engine(url)
         with engine.begin() as connection:
             for index in INDEXES_0007:
@@ -215,9 +372,32 @@ def main() -> None:
     if args.json:
         print(
             json.dumps(
-                {"n": args.n, "machine": machine, "genserve": genserve, "baseline": baseline}
+                {
+                    "n": args.n,
+                    "machine": machine,
+                    "genserve": genserve,
+                    "baseline": baseline,
+                    "exports": exports,
+                }
             )
         )
+
+
+def export_phase(url: str, n: int, repeat: int, slice_rows: int) -> dict[str, Any]:
+    """Plant duplicates and embeddings, export the whole history, and check the index."""
+    planted = plant(url)
+    print(
+        f"planted {planted['exact']} exact and {planted['near']} near duplicates and "
+        f"{2 * n} embeddings in {planted['load_s']} s"
+    )
+    runs = measure_exports(url, repeat)
+    print(f"{'export':<11} {'rows/s':>8} {'median s':>9}  counts")
+    for name, row in runs.items():
+        print(f"{name:<11} {row['rows_per_s']:>8} {row['seconds']:>9}  {row['counts']}")
+    vectors, _ = planted_vectors(min(n, slice_rows), exact_every=50, seed=0)
+    index = measure_index(vectors)
+    print(f"index on {index['rows']} rows: {index}")
+    return {"planted": planted, "runs": runs, "index": index}
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     training_time_limit_s: float = Field(default=6 * 3600.0, gt=0)
     # An ingestion (documents into a collection) is stopped past this; what it stored stays.
     ingestion_time_limit_s: float = Field(default=6 * 3600.0, gt=0)
+    # An export (the history into a JSONL file) is stopped past this; it then writes nothing.
+    export_time_limit_s: float = Field(default=3600.0, gt=0)
 
     # The search index (service/search): written after this many changes (or 5% of it),
     # one shard per tenant, exact below the IVF threshold, IVF above it.

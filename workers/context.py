@@ -29,6 +29,7 @@ class WorkerContext:
     job_time_limit_s: float
     training_time_limit_s: float
     ingestion_time_limit_s: float
+    export_time_limit_s: float
     events: EventSink
     # The worker's own Celery app, for the jobs a batch creates.
     publisher: JobPublisher
@@ -66,6 +67,7 @@ def build_context(settings: Settings) -> WorkerContext:
         job_time_limit_s=settings.job_time_limit_s,
         training_time_limit_s=settings.training_time_limit_s,
         ingestion_time_limit_s=settings.ingestion_time_limit_s,
+        export_time_limit_s=settings.export_time_limit_s,
         events=make_sink(settings.events_backend_url),
         publisher=JobPublisher(app),
         artifacts_dir=settings.resolved_artifacts_dir,

@@ -8,7 +8,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,7 +19,8 @@ from service.db import crud, tenants
 from service.db.tables import Generation, GenerationSource, Job, new_id
 from service.events import EventSink
 from service.rag import grounding
-from workers import evals, ingest, sampling
+from service.turns import turn_messages, turn_text
+from workers import evals, exports, ingest, sampling
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
@@ -32,19 +32,6 @@ logger = logging.getLogger("genserve.worker")
 # How long a job thread waits for its generation's next delta before it looks at its
 # cancellation flag again.
 FOLLOW_POLL_S = 0.25
-
-
-def turn_messages(turn_input: dict[str, Any]) -> list[dict[str, str]]:
-    """The chat messages a stored input adds: a prompt is one user turn."""
-    if "messages" in turn_input:
-        return [{"role": m["role"], "content": m["content"]} for m in turn_input["messages"]]
-    return [{"role": "user", "content": turn_input["prompt"]}]
-
-
-def turn_text(turn_input: dict[str, Any]) -> str:
-    if "messages" in turn_input:
-        return str(turn_input["messages"][-1]["content"])
-    return str(turn_input["prompt"])
 
 
 def encode_job(
@@ -289,9 +276,11 @@ def run_job(
     events: EventSink | None = None,
     time_limit_s: float,
     ingestion_time_limit_s: float | None = None,
+    export_time_limit_s: float | None = None,
 ) -> Outcome:
     """Claim the job and run it: chat models generate, embedding models embed, trained
-    models sample (workers.sampling), ingestions fill a collection (workers.ingest).
+    models sample (workers.sampling), ingestions fill a collection (workers.ingest),
+    exports write the history's pairs to a file (workers.exports).
 
     A generation and its embeddings are stored in one transaction. An interactive job's
     tokens are published to events as they come, and its end after the commit (batch jobs
@@ -307,6 +296,9 @@ def run_job(
         return Outcome(
             ingest.run_ingestion(factory, runtime, job, leases=leases, time_limit_s=limit)
         )
+    if job.api == "export":
+        limit = export_time_limit_s or time_limit_s
+        return Outcome(exports.run_export_job(factory, job, leases=leases, time_limit_s=limit))
     # Every waiting request wakes on the stream's end, embeddings requests too.
     tokens = TokenPublisher(events if job.queue != "batch" else None, job.id, job.attempts)
     tokens.start()

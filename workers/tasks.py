@@ -57,6 +57,7 @@ def run_job(job_id: str) -> str:
         events=context.events,
         time_limit_s=context.job_time_limit_s,
         ingestion_time_limit_s=context.ingestion_time_limit_s,
+        export_time_limit_s=context.export_time_limit_s,
     )
     logger.info("job %s: %s", job_id, outcome.status)
     if outcome.batch_id and outcome.status != "skipped":

@@ -23,6 +23,7 @@ from service.api.routes import (
     completions,
     conversations,
     evals,
+    exports,
     files,
     generations,
     health,
@@ -159,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admin,
         usage,
         evals,
+        exports,
     )
     for module in (*routers, files, batches):
         app.include_router(module.router)

@@ -885,25 +885,47 @@ class ModelTrends(BaseModel):
 
 
 ExportFormat = Literal["openai_chat", "prompt_completion"]
+GenerationId = Annotated[str, Field(pattern=r"^gen_[0-9a-f]{1,36}$")]
+MAX_METADATA_FILTERS = 16
 
 
 class ExportFilters(Strict):
+    """Which generations an export reads; all given must hold."""
+
     model: str | None = Field(default=None, max_length=128)
     created_after: datetime | None = None
     created_before: datetime | None = None
-    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
-    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    min_feedback_score: float | None = None
-    label: Label | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS, description="all of")
+    metadata: dict[
+        Annotated[str, Field(min_length=1, max_length=128)],
+        str | int | Annotated[float, Field(allow_inf_nan=False)] | bool,
+    ] = Field(default_factory=dict, max_length=MAX_METADATA_FILTERS)
+    min_feedback_score: float | None = Field(default=None, allow_inf_nan=False)
+    label: Label | None = Field(default=None, description="some feedback on it has this label")
     origin: Literal["real", "synthetic", "any"] = Field(
         default="any", description="synthetic: rows marked metadata.synthetic=true"
     )
+
+    @model_validator(mode="after")
+    def _time_runs_forward(self) -> ExportFilters:
+        if (
+            self.created_after is not None
+            and self.created_before is not None
+            and self.created_after >= self.created_before
+        ):
+            raise ValueError("created_after must be before created_before")
+        return self
 
 
 class DedupOptions(Strict):
     exact: bool = Field(default=True, description="drop rows whose folded text repeats")
     near: bool = Field(default=True, description="drop rows too close to a kept one")
-    threshold: float = Field(default=0.95, ge=0.5, le=1.0, description="near: least cosine")
+    threshold: float = Field(
+        default=0.95,
+        ge=0.5,
+        le=1.0,
+        description="near: least cosine, of the sums of prompt and output embeddings",
+    )
 
 
 class ExportCreate(Strict):
@@ -911,9 +933,18 @@ class ExportCreate(Strict):
     filters: ExportFilters = Field(default_factory=ExportFilters)
     dedup: DedupOptions = Field(default_factory=DedupOptions)
     limit: int | None = Field(default=None, ge=1, description="rows written at most")
+    snapshot: GenerationId | None = Field(
+        default=None,
+        description="read generations up to this id (an earlier manifest's "
+        "snapshot.max_generation_id, to write that export again); default: the latest",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     _metadata = field_validator("metadata")(_check_metadata)
+
+    def job_params(self) -> dict[str, Any]:
+        """The request as the export job keeps it (the worker validates it again)."""
+        return self.model_dump(mode="json", exclude={"metadata"})
 
 
 class ExportPublic(BaseModel):
@@ -924,6 +955,8 @@ class ExportPublic(BaseModel):
     filters: dict[str, Any]
     dedup: dict[str, Any]
     limit: int | None
+    snapshot: str | None
+    metadata: dict[str, Any]
     # The manifest once done: filters, snapshot, counts, the output's sha256.
     manifest: dict[str, Any] | None
     output_file_id: str | None
@@ -941,6 +974,8 @@ class ExportPublic(BaseModel):
             filters=row.params["filters"],
             dedup=row.params["dedup"],
             limit=row.params.get("limit"),
+            snapshot=row.params.get("snapshot"),
+            metadata=row.meta,
             manifest=manifest,
             output_file_id=(manifest or {}).get("file_id"),
             error=row.error,

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    delete,
+    exists,
+    func,
+    literal_column,
+    not_,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import type_coerce
@@ -49,6 +62,9 @@ class Filters:
     max_feedback_score: float | None = None
     label: str | None = None  # some feedback on it has this label
     category: str | None = None
+    # Rows marked metadata.synthetic = true (a trained model's samples, or rows so marked),
+    # or only the others; None: both.
+    synthetic: bool | None = None
 
     @property
     def narrows_generations(self) -> bool:
@@ -63,32 +79,61 @@ class Filters:
 # --- filters -----------------------------------------------------------------------------
 
 
-def json_value_matches(column: Any, key: str, value: Any) -> ColumnElement[bool]:
-    """metadata[key] == value; a numeric string from a query string also matches the number."""
-    path = column[key]
-    if isinstance(value, bool):
-        return path.as_boolean() == value
-    if isinstance(value, int | float):
-        return path.as_float() == float(value)
-    try:
-        number = float(value)
-    except ValueError:
-        return path.as_string() == value
-    return or_(path.as_string() == value, path.as_float() == number)
+def json_value_matches(column: Any, key: str, value: Any, dialect: str) -> ColumnElement[bool]:
+    """metadata[key] == value, of the same JSON type; a numeric string (from a query
+    string) also matches the number.
+
+    PostgreSQL: JSON containment, which never fails on a row whose value at key has
+    another type (a cast of "abc" to a number would). SQLite: json_type and json_extract.
+    """
+    number: float | None = None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and not math.isfinite(number):
+            number = None  # "nan", "inf": JSON has no such numbers
+    if dialect == "postgresql":
+        document = type_coerce(column, JSONB)
+        matches = document.contains({key: value})
+        return matches if number is None else or_(matches, document.contains({key: number}))
+    path = f'$."{key}"'
+    kind, found = func.json_type(column, path), func.json_extract(column, path)
+
+    def typed(wanted: Any) -> ColumnElement[bool]:
+        if isinstance(wanted, bool):
+            return kind == ("true" if wanted else "false")
+        if isinstance(wanted, int | float):
+            return and_(kind.in_(("integer", "real")), found == wanted)
+        return and_(kind == "text", found == wanted)
+
+    return typed(value) if number is None else or_(typed(value), typed(number))
 
 
 def _has_tags(column: Any, tags: Sequence[str], dialect: str) -> list[ColumnElement[bool]]:
     """The row's metadata.tags holds every one of tags.
 
-    PostgreSQL: one containment test, answered by the GIN index on metadata -> 'tags'.
+    PostgreSQL: one containment test, answered by the GIN index on metadata -> 'tags'
+    (migration 0007) when the planner expects few matches. The expression is written as
+    the index's, with the key inline: PostgreSQL matches an index expression as written,
+    and the subscript metadata['tags'] (SQLAlchemy's rendering of ["tags"]) is another.
     """
     if dialect == "postgresql":
-        return [type_coerce(column, JSONB)["tags"].contains(list(tags))]
+        tags_of = type_coerce(column.op("->")(literal_column("'tags'")), JSONB)
+        return [tags_of.contains(list(tags))]
     clauses: list[ColumnElement[bool]] = []
     for tag in tags:
         values = func.json_each(column, "$.tags").table_valued("value")
         clauses.append(exists(select(1).select_from(values).where(values.c.value == tag)))
     return clauses
+
+
+def _marked_synthetic(column: Any, dialect: str) -> ColumnElement[bool]:
+    """metadata.synthetic is JSON true; never NULL, so its negation holds for every other row."""
+    if dialect == "postgresql":
+        return type_coerce(column, JSONB).contains({"synthetic": True})
+    return func.coalesce(func.json_type(column, "$.synthetic"), "") == "true"
 
 
 def filter_clauses(
@@ -106,10 +151,14 @@ def filter_clauses(
     if filters.tags:
         clauses.extend(_has_tags(table.meta, filters.tags, dialect))
     clauses.extend(
-        json_value_matches(table.meta, key, value) for key, value in filters.metadata.items()
+        json_value_matches(table.meta, key, value, dialect)
+        for key, value in filters.metadata.items()
     )
     if filters.category is not None:
-        clauses.append(json_value_matches(table.meta, "category", filters.category))
+        clauses.append(json_value_matches(table.meta, "category", filters.category, dialect))
+    if filters.synthetic is not None:
+        marked = _marked_synthetic(table.meta, dialect)
+        clauses.append(marked if filters.synthetic else not_(marked))
     feedback = (filters.min_feedback_score, filters.max_feedback_score, filters.label)
     if any(value is not None for value in feedback):
         if table is not Generation:
@@ -244,7 +293,7 @@ def mark_published(session: Session, *, job_id: str) -> None:
 
 
 # What the usage counts of a job that ends (usage.Ended), read back by UPDATE ... RETURNING.
-ENDED = (Job.tenant_id, Job.model, Job.api_key_id, Job.created_at)
+ENDED = (Job.tenant_id, Job.model, Job.api_key_id, Job.created_at, Job.api)
 
 
 def end_jobs(session: Session, *where: ColumnElement[bool], status: str, **values: Any) -> int:

@@ -27,6 +27,7 @@ from service.db.tables import (
     utcnow,
 )
 from service.evals import metrics
+from service.turns import is_text_turn
 
 SET_PREFIX = "evalset"
 RUN_PREFIX = "evalrun"
@@ -184,7 +185,7 @@ def history_items(
     return [
         NewItem(input=row.input, reference=row.output, metadata={"generation_id": row.id})
         for row in session.scalars(query)
-        if "prompt" in row.input or "messages" in row.input
+        if is_text_turn(row.input)
     ]
 
 

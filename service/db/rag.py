@@ -51,7 +51,7 @@ class DocumentFilters:
             or self.created_before
         )
 
-    def clauses(self) -> list[ColumnElement[bool]]:
+    def clauses(self, dialect: str) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = []
         if self.document_ids:
             clauses.append(Document.id.in_(list(self.document_ids)))
@@ -62,7 +62,7 @@ class DocumentFilters:
         if self.created_before:
             clauses.append(Document.created_at < self.created_before)
         clauses.extend(
-            crud.json_value_matches(Document.meta, key, value)
+            crud.json_value_matches(Document.meta, key, value, dialect)
             for key, value in self.metadata.items()
         )
         return clauses
@@ -189,7 +189,9 @@ def list_documents(
     limit: int,
     descending: bool = True,
 ) -> tuple[list[Document], bool]:
-    query = select(Document).where(Document.collection_id == collection_id, *filters.clauses())
+    query = select(Document).where(
+        Document.collection_id == collection_id, *filters.clauses(session.get_bind().dialect.name)
+    )
     return crud.page_by_id(
         session, query, Document, after=after, limit=limit, descending=descending
     )
@@ -310,11 +312,12 @@ def _log_deletions(session: Session, embeddings: Select[int, str, int]) -> None:
 
 
 def _visible_chunk_embeddings(
-    *columns: Any, collection_ids: Sequence[int], filters: DocumentFilters
+    session: Session, *columns: Any, collection_ids: Sequence[int], filters: DocumentFilters
 ) -> Select[Any]:
     query = select(*columns).join(Chunk, Chunk.id == ChunkEmbedding.chunk_id)
     if filters.narrows:
-        query = query.join(Document, Document.id == Chunk.document_id).where(*filters.clauses())
+        narrowed = filters.clauses(session.get_bind().dialect.name)
+        query = query.join(Document, Document.id == Chunk.document_id).where(*narrowed)
     return query.where(ChunkEmbedding.collection_id.in_(list(collection_ids)))
 
 
@@ -328,7 +331,11 @@ def chunks_for_embeddings(
     """Of the given chunk-embedding ids, those in the collections whose document passes
     filters: embedding id -> chunk id."""
     query = _visible_chunk_embeddings(
-        ChunkEmbedding.id, ChunkEmbedding.chunk_id, collection_ids=collection_ids, filters=filters
+        session,
+        ChunkEmbedding.id,
+        ChunkEmbedding.chunk_id,
+        collection_ids=collection_ids,
+        filters=filters,
     ).where(ChunkEmbedding.id.in_(list(embedding_ids)))
     return dict(session.execute(query).tuples().all())
 
@@ -343,7 +350,9 @@ def chunk_embedding_ids_matching(
 ) -> list[int] | None:
     """Ids of the chunk embeddings whose document passes filters; None if over limit."""
     query = (
-        _visible_chunk_embeddings(ChunkEmbedding.id, collection_ids=collection_ids, filters=filters)
+        _visible_chunk_embeddings(
+            session, ChunkEmbedding.id, collection_ids=collection_ids, filters=filters
+        )
         .where(ChunkEmbedding.model == model)
         .limit(limit + 1)
     )

@@ -99,14 +99,20 @@ def record(
     session.execute(statement)
 
 
+# Jobs of these APIs ask no model for anything: their ends are not counted as requests.
+NOT_REQUESTS = ("export",)
+
+
 @dataclass(frozen=True)
 class Ended:
-    """A request that reached its final status: who made it, for which model, and when."""
+    """A job that reached its final status: who made it, for which model, when, and which
+    API made it."""
 
     tenant_id: int
     model: str
     api_key_id: int | None
     created_at: datetime
+    api: str = "jobs"
 
 
 def record_ended(
@@ -119,10 +125,13 @@ def record_ended(
     refusal: bool = False,
 ) -> None:
     """Count requests that reached status now: one upsert per (tenant, key, model, latency
-    bucket), however many requests (a batch cancelled at once)."""
+    bucket), however many requests (a batch cancelled at once). Jobs of NOT_REQUESTS are
+    left out."""
     now = utcnow()
     groups: dict[tuple[int, str, int | None, int], list[float]] = {}
     for request in requests:
+        if request.api in NOT_REQUESTS:
+            continue
         latency_ms = max(0.0, (now - request.created_at).total_seconds() * 1000)
         key = (request.tenant_id, request.model, request.api_key_id, bucket_of(latency_ms))
         groups.setdefault(key, []).append(latency_ms)

@@ -149,7 +149,8 @@ def _chunk_passages(
     if plan.keyword:
         where = []
         if filters.narrows:
-            where.append(Chunk.document_id.in_(select(Document.id).where(*filters.clauses())))
+            narrowed = filters.clauses(session.get_bind().dialect.name)
+            where.append(Chunk.document_id.in_(select(Document.id).where(*narrowed)))
         found = keyword_chunks(
             session, collection_ids=ids, query=query, limit=plan.depth, where=where
         )

@@ -3,8 +3,8 @@
 One real API and worker on the production backend (PostgreSQL + Redis), serving only the
 tiny random Llama. Before fuzzing, one resource of each kind is made through the API (a
 job with its generation and conversation, an image generation, stored chat completions,
-files, a batch, a training job). Identifiers in paths, queries and bodies are drawn from
-those ids, so cases get past "not found"; every string in a request body, and the string
+files, a batch, a training job, an export). Identifiers in paths, queries and bodies are
+drawn from those ids, so cases get past "not found"; every string in a request body, and the string
 query parameters, sometimes carry an edge string that breaks storage layers (NUL among
 them). schemathesis itself never puts NUL in a path segment.
 
@@ -60,6 +60,7 @@ ID_BINDINGS = {
     "path.completion_id": "completion-ids",
     "path.file_id": "file-ids",
     "path.batch_id": "batch-ids",
+    "path.export_id": "export-ids",
     "path.model": "model-names",
     "path.name": "model-names",
     "path.version": "model-versions",
@@ -72,6 +73,7 @@ ID_BINDINGS = {
     "body.dataset_file_id": "file-ids",
     "body.filters.model": "model-names",
     "body.filters.conversation_id": "conversation-ids",
+    "body.snapshot": "generation-ids",
 }
 # DELETE operations get resources of their own, so reads keep theirs for the whole run.
 DELETE_BINDINGS = {
@@ -171,6 +173,7 @@ def seed(client: httpx.Client) -> dict[str, list[Any]]:
         "file-ids": [batch_file, dataset],
         "doomed-file-ids": [_upload(client, "user_data", "scratch.txt", "scratch\n")],
         "batch-ids": [_created(client.post("/v1/batches", json=batch))["id"]],
+        "export-ids": [_created(client.post("/v1/exports", json={"limit": 2}))["id"]],
         "model-names": [SERVED, "all-minilm-l6-v2", "digits-diffusion", "pydoc-char-rnn"],
         "model-versions": [1],
     }

@@ -251,6 +251,7 @@ PATH_OBJECTS = {
     ("/v1/collections/", "ingestion_id"): "ingestion",
     ("/v1/evals/sets/", "set_id"): "eval_set",
     ("/v1/evals/runs/", "run_id"): "eval_run",
+    ("/v1/exports/", "export_id"): "export",
 }
 BODIES = {
     ("POST", "/v1/chat/completions/{completion_id}"): {"metadata": {"k": "v"}},
@@ -322,6 +323,7 @@ def _objects_of_a_tenant(client: httpx.Client) -> dict[str, str]:
         "/v1/evals/runs",
         json={"set_id": eval_set["id"], "model": "tiny-random-llama", "params": {"max_tokens": 2}},
     ).json()
+    export = client.post("/v1/exports", json={"filters": {"tags": ["isolation"]}}).json()
     deadline = time.monotonic() + 120
     while client.get(f"/v1/training-jobs/{training['id']}").json()["status"] != "succeeded":
         assert time.monotonic() < deadline, "the training job did not succeed"
@@ -346,6 +348,7 @@ def _objects_of_a_tenant(client: httpx.Client) -> dict[str, str]:
         "ingestion": ingestion["id"],
         "eval_set": eval_set["id"],
         "eval_run": eval_run["id"],
+        "export": export["id"],
     }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import crud, tenants
 from service.db.tables import Generation, Job, new_id
+from service.turns import is_text_turn, turn_text
 
 
 def make_key(session: Session, tenant: str = "acme", role: str = "writer") -> tuple[int, str]:
@@ -95,3 +97,59 @@ def finish(sessions: sessionmaker[Session], job: Job, output: str) -> None:
             session, job=claimed, generation=generation, vectors={}, model="m", dimension=3
         )
         session.commit()
+
+
+def store_turn(
+    session: Session,
+    tenant_id: int,
+    *,
+    turn_input: dict[str, Any],
+    output: str,
+    vectors: dict[str, bytes],
+    model: str = "tiny-random-llama",
+    metadata: dict[str, Any] | None = None,
+    embedding_model: str = "all-minilm-l6-v2",
+) -> Generation:
+    """A generation and its embeddings (kind -> float32 bytes), stored through crud as the
+    worker stores one: its job made, claimed, then ended by the generation."""
+    job = crud.create_job(
+        session,
+        tenant_id=tenant_id,
+        model=model,
+        queue="batch",
+        input=turn_input,
+        params={},
+        metadata=metadata or {},
+        conversation_id=None,
+        parent_generation_id=None,
+    )
+    session.commit()
+    claimed = crud.claim_job(session, job_id=job.id, lease_s=60)
+    assert claimed is not None
+    generation = Generation(
+        id=new_id("gen"),
+        tenant_id=tenant_id,
+        job_id=job.id,
+        conversation_id=job.conversation_id,
+        model=model,
+        model_version="1",
+        input=turn_input,
+        prompt=turn_text(turn_input) if is_text_turn(turn_input) else json.dumps(turn_input),
+        output=output,
+        meta=metadata or {},
+        prompt_tokens=1,
+        completion_tokens=1,
+        finish_reason="stop",
+    )
+    dimension = len(next(iter(vectors.values()), b"")) // 4
+    stored = crud.store_generation(
+        session,
+        job=claimed,
+        generation=generation,
+        vectors=vectors,
+        model=embedding_model,
+        dimension=dimension,
+    )
+    assert stored
+    session.commit()
+    return generation
