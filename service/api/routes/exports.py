@@ -14,10 +14,11 @@ from service.api.deps import (
     WriterDep,
     audit,
 )
-from service.api.errors import ERROR_RESPONSES, Conflict, NotFound
+from service.api.errors import ERROR_RESPONSES, NotFound
+from service.api.routes.jobs import cancel_unfinished
 from service.api.routes.listing import Cursor, Limit
 from service.api.schemas import ExportCreate, ExportPublic, Page
-from service.db import crud, exports
+from service.db import exports
 from service.db.tables import Job
 from service.submit import admit, publish_job
 
@@ -82,10 +83,4 @@ def cancel_export(export_id: str, caller: WriterDep, session: SessionDep) -> Exp
     """Cancel a queued export, or stop a running one before its next page; it writes
     no file."""
     job = _export(session, caller.tenant_id, export_id)
-    if job.status in ("succeeded", "failed"):
-        raise Conflict(
-            f"export {export_id!r} has already {job.status}", param="export_id", code="job_finished"
-        )
-    job = crud.cancel_job(session, job=job)
-    session.commit()
-    return ExportPublic.from_row(job)
+    return ExportPublic.from_row(cancel_unfinished(session, job, name="export", param="export_id"))

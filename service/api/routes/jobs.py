@@ -318,14 +318,20 @@ async def read_job_events(
     return event_stream(_job_events(http, factory, source, job))
 
 
+def cancel_unfinished(session: Session, job: Job, *, name: str, param: str) -> Job:
+    """Cancel a queued job, or ask a running one to stop (crud.cancel_job), and commit;
+    409 naming it as `name` when it has already succeeded or failed."""
+    if job.status in ("succeeded", "failed"):
+        raise Conflict(
+            f"{name} {job.id!r} has already {job.status}", param=param, code="job_finished"
+        )
+    job = crud.cancel_job(session, job=job)
+    session.commit()
+    return job
+
+
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, caller: WriterDep, session: SessionDep) -> JobPublic:
     """Cancel a queued job, or stop a running one at its next token."""
     job = _get_job(session, caller.tenant_id, job_id)
-    if job.status in ("succeeded", "failed"):
-        raise Conflict(
-            f"job {job_id!r} has already {job.status}", param="job_id", code="job_finished"
-        )
-    job = crud.cancel_job(session, job=job)
-    session.commit()
-    return JobPublic.from_row(job)
+    return JobPublic.from_row(cancel_unfinished(session, job, name="job", param="job_id"))
