@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -30,8 +33,29 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor.close()
 
 
+# Twenty digits in a row: maybe an integer past 64 bits, which orjson would read as a
+# float; json reads it exactly.
+_LONG_DIGITS = re.compile(r"\d{20}")
+_LONG_DIGITS_BYTES = re.compile(rb"\d{20}")
+
+
+def load_json(document: str | bytes) -> Any:
+    """A JSON column's value, as json.loads reads it: with orjson, several times faster on
+    the rows a listing or an export reads, unless the document holds twenty digits in a
+    row (in a string, or an integer orjson would turn into a float), or what orjson
+    refuses and json takes (NaN, a number past a double's range)."""
+    pattern = _LONG_DIGITS_BYTES if isinstance(document, bytes) else _LONG_DIGITS
+    if not pattern.search(document):  # type: ignore[arg-type]
+        try:
+            return orjson.loads(document)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(document)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for url; SQLite files get WAL, a busy timeout and foreign keys."""
+    kwargs.setdefault("json_deserializer", load_json)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

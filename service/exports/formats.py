@@ -1,5 +1,7 @@
 """The lines of an export: one JSON object per line, keys in a fixed order, so the same
-rows always make the same bytes.
+rows always make the same bytes: compact UTF-8 JSON, characters unescaped but for the
+quote, the backslash and controls (orjson; byte for byte what json.dumps writes with
+ensure_ascii=False and no spaces, so format 1 is unchanged).
 
 openai_chat is OpenAI's chat fine-tuning format: the messages the generation answered (a
 prompt is one user turn), then its output as the assistant's. prompt_completion is
@@ -8,9 +10,10 @@ prompt is one user turn), then its output as the assistant's. prompt_completion 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
 
 from service.exports.dedup import text_key
 from service.turns import is_text_turn, turn_messages, turn_text
@@ -18,7 +21,6 @@ from service.turns import is_text_turn, turn_messages, turn_text
 # Bumped when the same rows would make other bytes; the manifest records it.
 FORMAT_VERSION = 1
 Format = Literal["openai_chat", "prompt_completion"]
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -41,5 +43,5 @@ def line_of(fmt: Format, turn_input: dict[str, Any], output: str) -> Line | None
         text = turn_text(turn_input)
         record = {"prompt": text, "completion": output}
         parts = [text, output]
-    data = (_ENCODER.encode(record) + "\n").encode()
+    data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
     return Line(data=data, key=text_key(parts))

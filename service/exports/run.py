@@ -75,7 +75,50 @@ class _Pending:
 
     line: Line | None  # None: skipped
     duplicate: bool = False  # an exact duplicate of an earlier row
-    vectors: tuple[bytes, bytes] | None = None  # prompt, output
+    vector: np.ndarray | None = None  # the unit vector it is compared by
+
+
+@dataclass
+class _Page:
+    """A page of rows in id order, and the vectors they are compared by: vectors[i] is
+    row i's where valid[i] (never when near duplicates are kept)."""
+
+    rows: Sequence[Row[Any]]
+    vectors: np.ndarray  # (len(rows), dimension) float32, or empty
+    valid: np.ndarray  # (len(rows),) bool
+
+    @classmethod
+    def without_vectors(cls, rows: Sequence[Row[Any]]) -> _Page:
+        return cls(rows, np.empty((0, 0), dtype=np.float32), np.zeros(len(rows), dtype=bool))
+
+
+@dataclass
+class _PairReader:
+    """Assembles each page's vectors on the reading thread: numpy leaves the GIL to the
+    caller's thread for most of the work. The dimension is that of the first vector read;
+    a row whose vectors have another is not compared."""
+
+    dimension: int | None = None
+
+    def page(self, rows: Sequence[Row[Any]]) -> _Page:
+        valid = np.zeros(len(rows), dtype=bool)
+        prompts: list[bytes] = []
+        outputs: list[bytes] = []
+        for position, row in enumerate(rows):
+            prompt, output = row.prompt_vector, row.output_vector
+            if prompt is None or output is None:
+                continue
+            if self.dimension is None:
+                self.dimension = len(prompt) // 4
+            if len(prompt) == len(output) == 4 * self.dimension:
+                valid[position] = True
+                prompts.append(prompt)
+                outputs.append(output)
+        if self.dimension is None or not prompts:
+            return _Page.without_vectors(rows)
+        vectors = np.zeros((len(rows), self.dimension), dtype=np.float32)
+        vectors[valid] = pair_vectors(b"".join(prompts), b"".join(outputs), self.dimension)
+        return _Page(rows, vectors, valid)
 
 
 @dataclass
@@ -86,7 +129,6 @@ class _Exporter:
     writer: FileWriter
     counts: Counts = field(default_factory=Counts)
     near: NearDuplicates | None = None
-    dimension: int | None = None  # of the first vector read; others are not compared
     seen: set[bytes] = field(default_factory=set)
     pending: list[_Pending] = field(default_factory=list)
 
@@ -95,19 +137,21 @@ class _Exporter:
         limit = self.request.limit
         return limit is not None and self.counts.written >= limit
 
-    def add(self, row: Row[Any]) -> None:
-        line = line_of(self.request.format, row.input, row.output)
-        pending = _Pending(line)
-        if line is not None:
-            if self.request.dedup.exact:
-                pending.duplicate = line.key in self.seen
-                self.seen.add(line.key)
-            vectors = (row.prompt_vector, row.output_vector)
-            if self.request.dedup.near and None not in vectors:
-                pending.vectors = vectors
-        self.pending.append(pending)
-        if len(self.pending) >= DEDUP_BATCH:
-            self.flush()
+    def add(self, page: _Page) -> None:
+        for position, row in enumerate(page.rows):
+            line = line_of(self.request.format, row.input, row.output)
+            pending = _Pending(line)
+            if line is not None:
+                if self.request.dedup.exact:
+                    pending.duplicate = line.key in self.seen
+                    self.seen.add(line.key)
+                if page.valid[position]:
+                    pending.vector = page.vectors[position]
+            self.pending.append(pending)
+            if len(self.pending) >= DEDUP_BATCH:
+                self.flush()
+            if self.full:
+                return
 
     def flush(self) -> None:
         """Deduplicate the pending rows and write those kept, up to the limit."""
@@ -133,59 +177,53 @@ class _Exporter:
     def _near_duplicates(self) -> tuple[set[int], set[int]]:
         """(near duplicates, rows compared) among the pending rows, by position."""
         candidates = [
-            (position, pending.vectors)
+            (position, pending.vector)
             for position, pending in enumerate(self.pending)
-            if pending.vectors is not None and not pending.duplicate
+            if pending.vector is not None and not pending.duplicate
         ]
         if not candidates:
             return set(), set()
-        if self.dimension is None:
-            self.dimension = len(candidates[0][1][1]) // 4
-        vectors, valid = pair_vectors([pair for _, pair in candidates], self.dimension)
-        compared = [position for (position, _), ok in zip(candidates, valid, strict=True) if ok]
-        if not compared:
-            return set(), set()
+        compared = [position for position, _ in candidates]
+        vectors = np.stack([vector for _, vector in candidates])
         if self.near is None:
-            self.near = NearDuplicates(self.dimension, self.request.dedup.threshold)
+            self.near = NearDuplicates(vectors.shape[1], self.request.dedup.threshold)
         keep = self.near.keep(vectors)
         dropped = {position for position, kept in zip(compared, keep, strict=True) if not kept}
         return dropped, set(compared)
 
 
-def pair_vectors(pairs: list[tuple[bytes, bytes]], dimension: int) -> tuple[np.ndarray, np.ndarray]:
+def pair_vectors(prompts: bytes, outputs: bytes, dimension: int) -> np.ndarray:
     """The unit vectors rows are compared by: the normalised sum of the unit prompt and
-    output embeddings (float32 bytes); and which pairs held dimension floats each.
+    output embeddings, given as the rows' float32 vectors one after another.
 
     Returns:
-        (R, dimension) float32 vectors of the R valid pairs, and the (len(pairs),) mask.
+        (R, dimension) float32.
     """
-    size = 4 * dimension
-    valid = np.array([len(p) == size and len(o) == size for p, o in pairs], dtype=bool)
-    good = [pair for pair, ok in zip(pairs, valid, strict=True) if ok]
-    prompts = np.frombuffer(b"".join(p for p, _ in good), dtype="<f4").reshape(-1, dimension)
-    outputs = np.frombuffer(b"".join(o for _, o in good), dtype="<f4").reshape(-1, dimension)
-    return _unit(_unit(prompts) + _unit(outputs)), valid
+    prompt = np.frombuffer(prompts, dtype="<f4").reshape(-1, dimension)
+    output = np.frombuffer(outputs, dtype="<f4").reshape(-1, dimension)
+    return _unit(_unit(prompt) + _unit(output))
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))[:, None]
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 def _read_ahead(
-    session: Session, read: Callable[[Session, str], Sequence[Row[Any]]]
-) -> Generator[Sequence[Row[Any]], None, None]:
+    session: Session, read: Callable[[Session, str], _Page]
+) -> Generator[_Page, None, None]:
     """The pages in id order, each read on a thread of its own (in a session of its own)
-    while the caller works on the page before: the database and the decoding of its rows
-    run beside the deduplication, which leaves the GIL for its matrix products."""
+    while the caller works on the page before: the database, the decoding of its rows and
+    the assembly of its vectors run beside the deduplication, which leaves the GIL for its
+    matrix products."""
     with Session(session.get_bind()) as reader, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(read, reader, "")
         while True:
-            rows = pending.result()
-            if len(rows) == PAGE:
-                pending = pool.submit(read, reader, rows[-1].id)
-            yield rows
-            if len(rows) < PAGE:
+            page = pending.result()
+            if len(page.rows) == PAGE:
+                pending = pool.submit(read, reader, page.rows[-1].id)
+            yield page
+            if len(page.rows) < PAGE:
                 return
 
 
@@ -221,9 +259,11 @@ def run_export(
     exporter = _Exporter(request, writer)
     filters = to_filters(request.filters)
 
-    def read(reader: Session, after: str) -> Sequence[Row[Any]]:
+    pairs = _PairReader()
+
+    def read(reader: Session, after: str) -> _Page:
         assert until is not None
-        return exports.export_rows(
+        rows = exports.export_rows(
             reader,
             tenant_id=tenant_id,
             filters=filters,
@@ -232,14 +272,14 @@ def run_export(
             until=until,
             limit=PAGE,
         )
+        return pairs.page(rows) if request.dedup.near else _Page.without_vectors(rows)
 
     if until is not None:
         with closing(_read_ahead(session, read)) as pages:
-            for rows in pages:
+            for page in pages:
                 if should_stop():
                     raise ExportStopped
-                for row in rows:
-                    exporter.add(row)
+                exporter.add(page)
                 if exporter.full:
                     break
     exporter.flush()

@@ -47,6 +47,28 @@ def test_keys_are_hashed_and_scoped(db_url: str) -> None:
         assert tenants.get_api_key(session, plaintext=key + "x") is None
 
 
+def test_json_columns_read_back_what_was_written(db_url: str) -> None:
+    """JSON columns are read with orjson where it reads them as json would: integers past
+    64 bits stay exact, long digit strings stay strings."""
+    meta = {
+        "big": 2**70 + 1,
+        "small": -(2**65),
+        "u64": 2**64 - 1,
+        "float": 0.1,
+        "digits": "1" * 25,
+        "text": "é 😀 \u2028",
+        "nested": [1, {"a": None, "b": False}],
+    }
+    with _session(db_url) as session:
+        tenant_id, _ = make_key(session)
+        job = make_job(session, tenant_id, metadata=meta)
+        session.commit()
+    with _session(db_url) as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None and stored.meta == meta
+        assert type(stored.meta["big"]) is int
+
+
 def test_a_job_is_claimed_once(db_url: str) -> None:
     with _session(db_url) as session:
         tenant_id, _ = make_key(session)

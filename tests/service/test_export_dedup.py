@@ -3,6 +3,8 @@ the exact index and, once large, the IVF one."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,26 @@ def test_lines_are_fixed_json_and_skip_what_is_no_text_pair() -> None:
     alone = line_of("openai_chat", {"prompt": "hi"}, "hello")
     as_chat = line_of("openai_chat", {"messages": [{"role": "user", "content": "Hi"}]}, "HELLO")
     assert alone is not None and as_chat is not None and alone.key == as_chat.key
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'quote " and backslash \\ and slash /',
+        "controls \x00 \x01 \x08 \t \n \x0c \r \x1f \x7f",
+        "separators \u2028 \u2029, a BOM \ufeff, NEL \x85",
+        "astral 😀 and CJK 中文, é and é",
+    ],
+)
+def test_line_bytes_are_those_of_format_1(text: str) -> None:
+    """Format 1's bytes are json.dumps's with ensure_ascii=False and no spaces: a change
+    of encoder must not change an export's checksum."""
+    line = line_of("prompt_completion", {"prompt": text}, text + "!")
+    assert line is not None
+    record = {"prompt": text, "completion": text + "!"}
+    assert (
+        line.data == (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    )
 
 
 def test_near_copies_in_one_batch_and_across_batches_are_dropped(rng: np.random.Generator) -> None:
