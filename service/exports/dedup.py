@@ -16,6 +16,9 @@ earlier rows of its batch that are near it. Its lists are scanned list by list f
 with one matrix product each, as faiss.contrib.big_batch_search does: FAISS's own search
 takes one query at a time and reads every probed list for each, which on two cores is
 bound by memory bandwidth at a few thousand rows a second once the index holds a million.
+Where the threshold is high, each product is first taken on a quarter of the dimensions,
+and only the rows whose bound (that product plus the longest tails) could reach the
+threshold are compared in full: the same rows are dropped, for about a third of the work.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ KMEANS_SEED = 1234  # the same kept rows train the same lists: a rerun is the sa
 QUERY_CHUNK = 256  # rows of a batch compared with one list's members at once (memory)
 MAX_CANDIDATES = 8  # earlier rows of a batch a row is checked against, the first ones
 THREADS = 2  # FAISS's OpenMP threads (k-means, the flat search) for this thread
+# Lists are compared on a quarter of the dimensions first where the threshold is at least
+# this: below it, the bound of the rest lets too few rows off the full product.
+HEAD_FROM_THRESHOLD = 0.8
+BOUND_SLACK = 1e-4  # above the float32 rounding of a bound
 
 
 def fold(text: str) -> str:
@@ -85,6 +92,9 @@ class NearDuplicates:
         self.nprobe = nprobe
         self._flat: Any = faiss.IndexFlatIP(dimension)
         self._ivf: Any = None  # faiss.IndexIVFFlat once trained
+        # Lists are compared on their first _head dimensions before all of them (0: at once)
+        self._head = dimension // 4 if threshold >= HEAD_FROM_THRESHOLD else 0
+        self._longest_tail = np.zeros(nlist, dtype=np.float32)  # per list: its longest tail
         self._trained_on = 0
         self._kept = 0
         faiss.omp_set_num_threads(min(THREADS, os.cpu_count() or 1))
@@ -160,14 +170,7 @@ class NearDuplicates:
         # The nearest centroids, nearest first: the lists compared, and the one joined.
         probed = self._ivf.quantizer.search(batch, self.nprobe)[1]  # (B, nprobe)
         home = probed[:, 0]
-        rows = np.arange(len(batch))
-        best = np.full(len(batch), -np.inf, dtype=np.float32)
-        for number, queries in _by_list(probed, rows):
-            stored = self._list_vectors(number)
-            if len(stored):
-                found = (batch[queries] @ stored.T).max(axis=1)
-                best[queries] = np.maximum(best[queries], found)
-        keep = best < self.threshold
+        keep = self._nearest_kept(batch, probed) < self.threshold
         alive = np.flatnonzero(keep)
         members = dict(_by_list(home[alive, None], alive))
         pairs = [
@@ -181,6 +184,34 @@ class NearDuplicates:
         self._add(batch[keep], home[keep])
         self._kept += int(keep.sum())
         return keep
+
+    def _nearest_kept(self, batch: np.ndarray, probed: np.ndarray) -> np.ndarray:
+        """(B,) for each row of batch, the highest cosine with a kept row of its probed
+        lists ((B, nprobe) list numbers) where it reaches the threshold; below it, a bound
+        that stays below it (-inf where the lists are empty).
+
+        A list is first compared on the first `head` dimensions alone: for unit vectors,
+        x.y <= x_head.y_head + |x_tail| * |y_tail|, so a row whose bound from its best
+        head product and the list's longest tail stays under the threshold cannot reach
+        it there, and only the others are compared in full. On an embedding's 384
+        dimensions, a quarter of the products where the threshold is high."""
+        head = self._head
+        tails = np.sqrt(np.einsum("ij,ij->i", batch[:, head:], batch[:, head:]))
+        best = np.full(len(batch), -np.inf, dtype=np.float32)
+        for number, queries in _by_list(probed, np.arange(len(batch))):
+            stored = self._list_vectors(number)
+            if not len(stored):
+                continue
+            if head:
+                found = (batch[queries, :head] @ stored[:, :head].T).max(axis=1)
+                found += tails[queries] * self._longest_tail[number] + BOUND_SLACK
+                close = np.flatnonzero(found >= self.threshold)
+                if len(close):
+                    found[close] = (batch[queries[close]] @ stored.T).max(axis=1)
+            else:
+                found = (batch[queries] @ stored.T).max(axis=1)
+            best[queries] = np.maximum(best[queries], found)
+        return best
 
     def _list_vectors(self, number: int) -> np.ndarray:
         """A view of the vectors in one list of the IVF index, valid until the next add."""
@@ -198,6 +229,8 @@ class NearDuplicates:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.arange(self._ivf.ntotal, self._ivf.ntotal + count, dtype=np.int64)
         lists = np.ascontiguousarray(lists, dtype=np.int64)
+        tails = np.sqrt(np.einsum("ij,ij->i", vectors[:, self._head :], vectors[:, self._head :]))
+        np.maximum.at(self._longest_tail, lists, tails)
         self._ivf.add_core(
             count, faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists)
         )

@@ -168,3 +168,32 @@ def test_bad_settings_are_refused() -> None:
         NearDuplicates(DIMENSION, THRESHOLD, nlist=8, nprobe=9, ivf_after=64)
     with pytest.raises(ValueError, match="ivf_after"):
         NearDuplicates(DIMENSION, THRESHOLD, nlist=64, ivf_after=32)
+
+
+def test_comparing_lists_on_their_head_first_drops_the_same_rows(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head-first comparison only skips products its bound shows cannot reach the
+    threshold: it drops exactly what comparing in full drops, here with copies that differ
+    from their originals in the head alone, in the tail alone, and evenly."""
+    monkeypatch.setattr(dedup, "FLAT_BATCH", 128)
+    rows, _ = planted(rng, 3000, 150)
+    head = DIMENSION // 4
+    for place in rng.choice(np.arange(1000, 3000), size=60, replace=False):
+        source = rows[rng.integers(0, 1000)].copy()
+        noise = np.zeros(DIMENSION, dtype=np.float32)
+        side = slice(0, head) if place % 2 else slice(head, None)
+        noise[side] = rng.standard_normal(noise[side].shape)
+        rows[place] = unit((source + 0.3 * noise / np.linalg.norm(noise))[None])[0]
+
+    def run() -> tuple[np.ndarray, int]:
+        index = NearDuplicates(DIMENSION, THRESHOLD, ivf_after=512, nlist=32, nprobe=4)
+        kept = np.concatenate([index.keep(rows[s : s + 500]) for s in range(0, 3000, 500)])
+        return kept, index._head
+
+    with_head, head_used = run()
+    monkeypatch.setattr(dedup, "HEAD_FROM_THRESHOLD", 2.0)  # never: compare in full
+    in_full, no_head = run()
+    assert head_used == head and no_head == 0
+    assert (~in_full).sum() >= 180  # most of the 60 made here, beside the 150 planted
+    assert (with_head == in_full).all()
