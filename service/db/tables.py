@@ -172,6 +172,8 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "id"),
+        # One API's jobs of a tenant, newest first: exports, stored chat completions.
+        Index("ix_jobs_tenant_api", "tenant_id", "api", "id"),
         Index("ix_jobs_status_published", "status", "published_at"),
         Index("ix_jobs_tenant_status", "tenant_id", "status"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
