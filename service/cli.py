@@ -1,4 +1,4 @@
-"""The `genserve` command: serve, api, worker, migrate, keys, tenants, ingest."""
+"""The `genserve` command: serve, api, worker, migrate, keys, tenants, history, ingest."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 tenants_app = typer.Typer(help="Tenants: limits, settings, deletion.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
+history_app = typer.Typer(help="The stored history: partitioning by month.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
 
 ROLES = ("admin", "writer", "reader")
 ADMIN_KEY_FILE = "admin-key.txt"
@@ -265,6 +267,62 @@ def tenants_delete(
         _audit(session, row.id, "tenant.delete", f"tenant:{tenant}", {"vectors": vectors})
         session.commit()
     typer.echo(f"deleted tenant {tenant!r} and {vectors} vectors")
+
+
+@history_app.command("partition")
+def history_partition(
+    months_ahead: Annotated[
+        int, typer.Option(min=1, max=60, help="Months of partitions made ahead of now.")
+    ] = 3,
+    split_history: Annotated[
+        bool,
+        typer.Option(
+            "--split-history",
+            help="Copy the stored rows into a partition per month (slower, under the lock).",
+        ),
+    ] = False,
+) -> None:
+    """Partition the generations table by month (PostgreSQL; once, one way).
+
+    By default copies no rows: the table becomes the partition of everything up to the end
+    of this month. The lock is held for one transaction. job_id stays indexed but no
+    longer unique (one generation per job is kept by the job's own transition).
+    """
+    from service.db import partitions
+
+    settings = get_settings()
+    with _session(settings) as session:
+        connection = session.connection()
+        if connection.dialect.name != "postgresql":
+            typer.echo("error: only a PostgreSQL history can be partitioned", err=True)
+            raise typer.Exit(1)
+        made = partitions.partition_generations(
+            connection,
+            now=datetime.now(UTC),
+            months_ahead=months_ahead,
+            split_history=split_history,
+        )
+        session.commit()
+    if not made:
+        typer.echo("generations is already partitioned")
+        return
+    typer.echo(f"generations partitioned by month: {', '.join(made)}")
+
+
+@history_app.command("partitions")
+def history_partitions() -> None:
+    """List the partitions of the generations table, with PostgreSQL's row estimates."""
+    from service.db import partitions
+
+    with _session(get_settings()) as session:
+        found = partitions.partitions(session.connection())
+    if not found:
+        typer.echo("generations is not partitioned")
+        return
+    for partition in found:
+        lower = partition.lower or ("DEFAULT" if partition.upper is None else "MINVALUE")
+        upper = partition.upper or ""
+        typer.echo(f"{partition.name:<32} {lower:>18} {upper:>18} {partition.rows:>12}")
 
 
 @app.command()

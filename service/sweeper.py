@@ -1,7 +1,9 @@
 """Rule 2's sweeper: re-publish jobs whose broker message may have been lost.
 
 Batches are swept too: one whose prepare or finalize task was lost is sent again, one
-whose lines have all ended is finalized, one past its window expires.
+whose lines have all ended is finalized, one past its window expires. Where the history is
+partitioned by month (service/db/partitions.py), the coming months' partitions are made
+once an hour.
 
 A job stays queued too long when the API died between commit and publish, or the broker
 lost its messages (Redis without persistence, the embedded broker after a SIGKILLed
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import batches
-from service.db import crud, training
+from service.db import crud, partitions, training
 from service.db.tables import Job, TrainingJob, utcnow
 from service.queue import TRAIN_MODEL_TASK, TRAIN_QUEUE, JobPublisher
 
@@ -29,6 +32,7 @@ logger = logging.getLogger("genserve.sweeper")
 MAX_BACKOFF_DOUBLINGS = 5
 # The API publishes right after its commit; give it this long before stepping in.
 NEVER_PUBLISHED_GRACE_S = 5.0
+PARTITIONS_EVERY_S = 3600.0
 
 
 def _due(job: Job | TrainingJob, now: datetime, requeue_after_s: float) -> bool:
@@ -98,6 +102,7 @@ class Sweeper:
         self._max_attempts = max_attempts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="genserve-sweeper", daemon=True)
+        self._partitions_due = 0.0  # time.monotonic() of the next partitions check
 
     def start(self) -> None:
         self._thread.start()
@@ -125,5 +130,9 @@ class Sweeper:
                     batches.sweep_batches(
                         session, self._publisher, now=utcnow(), grace_s=self._requeue_after_s
                     )
+                    if time.monotonic() >= self._partitions_due:
+                        self._partitions_due = time.monotonic() + PARTITIONS_EVERY_S
+                        partitions.ensure_partitions(session.connection(), now=datetime.now(UTC))
+                        session.commit()
             except SQLAlchemyError as exc:
                 logger.warning("sweep failed, will retry: %s", exc)
