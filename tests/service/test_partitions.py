@@ -292,3 +292,44 @@ def test_split_history_puts_each_row_in_its_months_partition(pg_session: Session
     session.commit()
     remaining = select(func.count()).select_from(Embedding)
     assert session.scalar(remaining) == 4  # the deleted row's two went with it
+
+
+def test_a_time_filter_reads_only_the_partitions_of_that_time(pg_session: Session) -> None:
+    session = pg_session
+    tenant_id, _ = make_key(session)
+    for year, month in [(2026, 9), (2026, 12)]:
+        row = make_generation_row(session, tenant_id)
+        session.execute(
+            text("UPDATE generations SET id = :new, created_at = :at WHERE id = :old"),
+            {
+                "new": in_month(year, month),
+                "at": datetime(year, month, 2, tzinfo=UTC),
+                "old": row.id,
+            },
+        )
+    session.commit()
+    partitions.partition_generations(
+        session.connection(), now=NOW, months_ahead=1, split_history=True
+    )
+    session.commit()
+    filters = crud.Filters(created_after=datetime(2026, 11, 20, tzinfo=UTC))
+    query = (
+        select(Generation)
+        .where(
+            Generation.tenant_id == tenant_id,
+            *crud.filter_clauses(Generation, filters, "postgresql"),
+        )
+        .order_by(Generation.id.desc())
+        .limit(21)
+    )
+    compiled = query.compile(session.get_bind())
+    plan = "\n".join(
+        row[0]
+        for row in session.connection().exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+    )
+    assert "generations_2026_12" in plan
+    assert "generations_2026_09" not in plan and "generations_2026_10" not in plan
+    page, _ = crud.list_generations(
+        session, tenant_id=tenant_id, filters=filters, cursor=None, limit=10
+    )
+    assert [g.id for g in page] == [in_month(2026, 12)]
