@@ -7,8 +7,11 @@ a vocabulary of 50 (a generation has one to three), a category on a quarter of t
 feedback score on 10% and labelled feedback on 2%, and 90 days of usage rollups. Then
 each query the API runs for GET /v1/generations (unfiltered and with each filter) and
 GET /v1/usage is timed through genserve's own functions, --repeat times each: median
-and p99 in ms, with the plan's access path from EXPLAIN. The same queries run again
-after dropping the indexes migration 0007 added (the baseline), in the same run.
+and p99 in ms, with the plan's access path from EXPLAIN. The listings of one API's jobs
+(exports, stored chat completions) are timed too. After the exports (below), the
+generations are partitioned by month with their rows copied (service/db/partitions.py,
+split_history) and the queries run again. The baseline runs before that, after dropping
+the indexes migrations 0007 and 0008 added (built again after it), all in the same run.
 
 Exports (--export-repeat > 0): 2% of the generations are given the texts of an earlier
 one (exact duplicates), and every generation a prompt and an output embedding (the same
@@ -42,20 +45,22 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from service.api.schemas import DedupOptions, ExportCreate
-from service.db import crud, usage
+from service.db import crud, exports, partitions, usage
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_sessionmaker
-from service.db.tables import Generation, UsageRollup, utcnow
+from service.db.tables import Generation, Job, UsageRollup, utcnow
 from service.exports.dedup import NearDuplicates
 from service.exports.run import DEDUP_BATCH, run_export
 from tests.conftest import create_pg_database, drop_pg_database
 
 DAYS = 90
-INDEXES_0007 = (
+# The baseline runs without the history's filter indexes (0007) and the jobs' by API (0008).
+BASELINE_DROPS = (
     "ix_generations_tags",
     "ix_generations_tenant_model",
     "ix_generations_tenant_feedback",
     "ix_generation_feedback_label",
+    "ix_jobs_tenant_api",
 )
 
 LOAD = [
@@ -289,7 +294,21 @@ def queries() -> dict[str, Callable[[Session], Any]]:
         )
 
     runs = {name: listing(filters) for name, filters in listings().items()}
-    return runs | {"usage_30_days": usage_report}
+    return runs | {
+        "usage_30_days": usage_report,
+        "list_exports": lambda session: exports.list_exports(
+            session, tenant_id=1, after=None, limit=20
+        ),
+        "list_stored_chat": lambda session: crud.list_stored_jobs(
+            session,
+            tenant_id=1,
+            api="chat.completions",
+            filters=crud.Filters(),
+            after=None,
+            limit=20,
+            descending=True,
+        ),
+    }
 
 
 def _plan(session: Session, name: str) -> str:
@@ -297,6 +316,11 @@ def _plan(session: Session, name: str) -> str:
     if name == "usage_30_days":
         query: Any = select(UsageRollup).where(
             UsageRollup.tenant_id == 1, UsageRollup.day >= date.today() - timedelta(days=29)
+        )
+    elif name in ("list_exports", "list_stored_chat"):
+        api = "export" if name == "list_exports" else "chat.completions"
+        query = (
+            select(Job).where(Job.tenant_id == 1, Job.api == api).order_by(Job.id.desc()).limit(21)
         )
     else:
         clauses = crud.filter_clauses(Generation, listings()[name], "postgresql")
@@ -341,32 +365,55 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=100)
     parser.add_argument("--export-repeat", type=int, default=3, help="0: no exports")
     parser.add_argument("--slice", type=int, default=50_000, help="rows of the index check")
+    parser.add_argument(
+        "--no-partition", action="store_true", help="skip partitioning by month and its rerun"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
     url = create_pg_database()
-    exports: dict[str, Any] = {}
+    exported: dict[str, Any] = {}
+    partitioned: dict[str, dict[str, Any]] = {}
+    split_s = None
     try:
         upgrade(url)
         load_s = load(url, args.n)
         print(f"loaded {args.n} generations in {load_s:.1f} s")
         genserve = measure(url, args.repeat)
         if args.export_repeat:
-            exports = export_phase(url, args.n, args.export_repeat, args.slice)
+            exported = export_phase(url, args.n, args.export_repeat, args.slice)
+        # The baseline, without the indexes; then they are built again.
         engine = make_engine(url)
         with engine.begin() as connection:
-            for index in INDEXES_0007:
+            definitions = [
+                connection.scalar(
+                    text("SELECT pg_get_indexdef(CAST(:name AS regclass))"), {"name": index}
+                )
+                for index in BASELINE_DROPS
+            ]
+            for index in BASELINE_DROPS:
                 connection.execute(text(f"DROP INDEX {index}"))
             connection.execute(text("ANALYZE"))
-        engine.dispose()
         baseline = measure(url, max(5, args.repeat // 10))
+        with engine.begin() as connection:
+            for definition in definitions:
+                connection.execute(text(definition))
+            connection.execute(text("ANALYZE"))
+        engine.dispose()
+        if not args.no_partition:
+            split_s = partition(url)
+            print(f"partitioned by month (rows copied) in {split_s:.1f} s", flush=True)
+            partitioned = measure(url, args.repeat)
     finally:
         drop_pg_database(url)
-    print(f"{'query':<24} {'p50 ms':>8} {'p99 ms':>8} {'no-0007 p99':>12}  plan")
+    print(f"{'query':<24} {'p50 ms':>8} {'p99 ms':>8} {'by month':>9} {'no index':>9}  plan")
     for name, row in genserve.items():
+        by_month = partitioned.get(name, {}).get("p99_ms", "-")
         print(
-            f"{name:<24} {row['p50_ms']:>8} {row['p99_ms']:>8} {baseline[name]['p99_ms']:>12}"
-            f"  {row['plan']}"
+            f"{name:<24} {row['p50_ms']:>8} {row['p99_ms']:>8} {by_month:>9}"
+            f" {baseline[name]['p99_ms']:>9}  {row['plan']}"
         )
+        if name in partitioned:
+            print(f"{'':<24} by month: {partitioned[name]['plan']}")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     print(f"machine: {machine}")
     if args.json:
@@ -377,10 +424,24 @@ def main() -> None:
                     "machine": machine,
                     "genserve": genserve,
                     "baseline": baseline,
-                    "exports": exports,
+                    "partitioned": partitioned,
+                    "partition_s": split_s,
+                    "exports": exported,
                 }
             )
         )
+
+
+def partition(url: str) -> float:
+    """Partition the generations by month, their rows copied (service/db/partitions.py)."""
+    started = time.perf_counter()
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        partitions.partition_generations(connection, now=utcnow(), split_history=True)
+    with engine.begin() as connection:
+        connection.execute(text("ANALYZE"))
+    engine.dispose()
+    return time.perf_counter() - started
 
 
 def export_phase(url: str, n: int, repeat: int, slice_rows: int) -> dict[str, Any]:
