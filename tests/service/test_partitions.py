@@ -46,6 +46,18 @@ def in_month(year: int, month: int) -> str:
     return partitions.bound(start) + "0123456789ab"
 
 
+def row_made_in(session: Session, tenant_id: int, year: int, month: int) -> str:
+    """A stored generation (and job) whose id and created_at are of that month."""
+    row = make_generation_row(session, tenant_id)
+    made = in_month(year, month)
+    session.execute(
+        text("UPDATE generations SET id = :new, created_at = :at WHERE id = :old"),
+        {"new": made, "at": datetime(year, month, 2, tzinfo=UTC), "old": row.id},
+    )
+    session.commit()
+    return made
+
+
 def test_bounds_are_ids_of_a_months_first_instant() -> None:
     start = partitions.month_start(NOW, 1)
     assert start == datetime(2027, 1, 1, tzinfo=UTC)
@@ -90,12 +102,7 @@ def test_partitioning_keeps_every_row_and_key(pg_session: Session) -> None:
     assert [g.id for g in page] == [g.id for g in reversed(stored)]
 
     # A new row goes to its month's partition; keys into generations still hold.
-    later = make_generation_row(session, tenant_id)
-    session.execute(
-        text("UPDATE generations SET id = :new WHERE id = :old"),
-        {"new": in_month(2027, 2), "old": later.id},
-    )
-    session.commit()
+    row_made_in(session, tenant_id, 2027, 2)
     assert partition_of(session, in_month(2027, 2)) == "generations_2027_02"
     with pytest.raises(Exception, match="foreign key"):
         with session.begin_nested():
@@ -169,12 +176,7 @@ def test_coming_months_are_made_and_a_month_in_default_is_left(
     partitions.partition_generations(session.connection(), now=NOW, months_ahead=1)
     session.commit()
     # A row past every partition goes to DEFAULT rather than being refused.
-    stray = make_generation_row(session, tenant_id)
-    session.execute(
-        text("UPDATE generations SET id = :new WHERE id = :old"),
-        {"new": in_month(2027, 5), "old": stray.id},
-    )
-    session.commit()
+    row_made_in(session, tenant_id, 2027, 5)
     assert partition_of(session, in_month(2027, 5)) == "generations_default"
 
     # Four months on: February to April are made; May holds a row in DEFAULT, so it and
@@ -298,16 +300,7 @@ def test_a_time_filter_reads_only_the_partitions_of_that_time(pg_session: Sessio
     session = pg_session
     tenant_id, _ = make_key(session)
     for year, month in [(2026, 9), (2026, 12)]:
-        row = make_generation_row(session, tenant_id)
-        session.execute(
-            text("UPDATE generations SET id = :new, created_at = :at WHERE id = :old"),
-            {
-                "new": in_month(year, month),
-                "at": datetime(year, month, 2, tzinfo=UTC),
-                "old": row.id,
-            },
-        )
-    session.commit()
+        row_made_in(session, tenant_id, year, month)
     partitions.partition_generations(
         session.connection(), now=NOW, months_ahead=1, split_history=True
     )
