@@ -463,16 +463,69 @@ def _documents_in(folder: Path) -> list[Path]:
     )
 
 
+def _api_key(key: str | None) -> str:
+    """The key given, else the admin key `genserve serve` wrote to the data dir."""
+    if not key:
+        key_file = get_settings().resolved_data_dir / ADMIN_KEY_FILE
+        key = key_file.read_text().strip() if key_file.is_file() else None
+    if not key:
+        raise typer.BadParameter("give --key or set GENSERVE_API_KEY", param_hint="--key")
+    return key
+
+
+UrlOption = Annotated[str, typer.Option(envvar="GENSERVE_URL", help="The API.")]
+KeyOption = Annotated[str | None, typer.Option(envvar="GENSERVE_API_KEY", help="An API key.")]
+
+
+@app.command()
+def submit(
+    model: Annotated[str, typer.Argument(help="A served model.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    max_tokens: Annotated[int, typer.Option(min=1, help="New tokens at most.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.0,
+    stream: Annotated[bool, typer.Option("--stream", help="Print the text as it comes.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the finished job as JSON.")
+    ] = False,
+    url: UrlOption = "http://127.0.0.1:8000",
+    key: KeyOption = None,
+) -> None:
+    """Submit a prompt over HTTP and print the generation when it is done (or as it comes,
+    with --stream)."""
+    import httpx
+
+    from service.client import ApiError, Client
+
+    params = {"max_tokens": max_tokens, "temperature": temperature}
+    try:
+        with Client(url, _api_key(key)) as client:
+            job = client.submit(model, prompt=prompt, params=params)
+            if stream and not as_json:
+                for text in client.stream(job.id):
+                    typer.echo(text, nl=False)
+                typer.echo()
+            job = client.wait(job.id)
+            if as_json:
+                typer.echo(job.model_dump_json())
+            elif job.status != "succeeded":
+                typer.echo(f"error: job {job.id} {job.status}: {job.error}", err=True)
+                raise typer.Exit(1)
+            elif not stream and job.generation_id:
+                typer.echo(client.generation(job.generation_id).output)
+    except ApiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except httpx.TransportError as exc:
+        typer.echo(f"error: cannot reach {url}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def ingest(
     folder: Annotated[Path, typer.Argument(help="A folder of documents, or one file.")],
     collection: Annotated[str, typer.Option(help="Collection id or name; made if missing.")],
-    url: Annotated[str, typer.Option(envvar="GENSERVE_URL", help="The API.")] = (
-        "http://127.0.0.1:8000"
-    ),
-    key: Annotated[
-        str | None, typer.Option(envvar="GENSERVE_API_KEY", help="A writer's API key.")
-    ] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    key: KeyOption = None,
     wait: Annotated[bool, typer.Option(help="Wait until the documents are searchable.")] = True,
 ) -> None:
     """Upload a folder of documents (text, Markdown, HTML, PDF, JSONL) into a collection
@@ -481,11 +534,7 @@ def ingest(
 
     if not folder.exists():
         raise typer.BadParameter(f"{folder} does not exist", param_hint="FOLDER")
-    if not key:
-        key_file = get_settings().resolved_data_dir / ADMIN_KEY_FILE
-        key = key_file.read_text().strip() if key_file.is_file() else None
-    if not key:
-        raise typer.BadParameter("give --key or set GENSERVE_API_KEY", param_hint="--key")
+    key = _api_key(key)
     paths = _documents_in(folder)
     if not paths:
         typer.echo(f"no documents in {folder}", err=True)
