@@ -292,16 +292,16 @@ def history_partition(
 
     settings = get_settings()
     with _session(settings) as session:
-        connection = session.connection()
-        if connection.dialect.name != "postgresql":
-            typer.echo("error: only a PostgreSQL history can be partitioned", err=True)
-            raise typer.Exit(1)
-        made = partitions.partition_generations(
-            connection,
-            now=datetime.now(UTC),
-            months_ahead=months_ahead,
-            split_history=split_history,
-        )
+        try:
+            made = partitions.partition_generations(
+                session.connection(),
+                now=datetime.now(UTC),
+                months_ahead=months_ahead,
+                split_history=split_history,
+            )
+        except ValueError as exc:  # not PostgreSQL
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
         session.commit()
     if not made:
         typer.echo("generations is already partitioned")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -132,7 +132,7 @@ class Sweeper:
                     )
                     if time.monotonic() >= self._partitions_due:
                         self._partitions_due = time.monotonic() + PARTITIONS_EVERY_S
-                        partitions.ensure_partitions(session.connection(), now=datetime.now(UTC))
+                        partitions.ensure_partitions(session.connection(), now=utcnow())
                         session.commit()
             except SQLAlchemyError as exc:
                 logger.warning("sweep failed, will retry: %s", exc)

@@ -47,6 +47,8 @@ TABLE = "generations"
 ID_PREFIX = "gen_"
 MONTHS_AHEAD = 3
 DEFAULT_PARTITION = f"{TABLE}_default"
+# The bounds in pg_get_expr(relpartbound): FROM ('gen_...') TO ('gen_...'), MINVALUE or DEFAULT.
+_LOWER = re.compile(r"FROM \('([^']*)'\)")
 _UPPER = re.compile(r"TO \('([^']*)'\)")
 
 
@@ -60,7 +62,8 @@ class Partition:
 
 def month_start(moment: datetime, months: int = 0) -> datetime:
     """The first instant (UTC) of moment's month, months later."""
-    index = moment.astimezone(UTC).year * 12 + moment.astimezone(UTC).month - 1 + months
+    utc = moment.astimezone(UTC)
+    index = utc.year * 12 + utc.month - 1 + months
     return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
 
 
@@ -91,11 +94,7 @@ def partitions(connection: Connection) -> list[Partition]:
     ).all()
     found = []
     for name, spec, tuples in rows:
-        if spec == "DEFAULT":
-            found.append(Partition(name, None, None, max(int(tuples), 0)))
-            continue
-        lower = re.search(r"FROM \('([^']*)'\)", spec)
-        upper = _UPPER.search(spec)
+        lower, upper = _LOWER.search(spec), _UPPER.search(spec)
         found.append(
             Partition(
                 name,

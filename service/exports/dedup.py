@@ -196,7 +196,7 @@ class NearDuplicates:
         it there, and only the others are compared in full. On an embedding's 384
         dimensions, a quarter of the products where the threshold is high."""
         head = self._head
-        tails = np.sqrt(np.einsum("ij,ij->i", batch[:, head:], batch[:, head:]))
+        tails = self._tails(batch)
         best = np.full(len(batch), -np.inf, dtype=np.float32)
         for number, queries in _by_list(probed, np.arange(len(batch))):
             stored = self._list_vectors(number)
@@ -212,6 +212,11 @@ class NearDuplicates:
                 found = (batch[queries] @ stored.T).max(axis=1)
             best[queries] = np.maximum(best[queries], found)
         return best
+
+    def _tails(self, vectors: np.ndarray) -> np.ndarray:
+        """(R,) the norms of the rows past their first _head dimensions."""
+        tail = vectors[:, self._head :]
+        return np.sqrt(np.einsum("ij,ij->i", tail, tail))
 
     def _list_vectors(self, number: int) -> np.ndarray:
         """A view of the vectors in one list of the IVF index, valid until the next add."""
@@ -229,8 +234,8 @@ class NearDuplicates:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.arange(self._ivf.ntotal, self._ivf.ntotal + count, dtype=np.int64)
         lists = np.ascontiguousarray(lists, dtype=np.int64)
-        tails = np.sqrt(np.einsum("ij,ij->i", vectors[:, self._head :], vectors[:, self._head :]))
-        np.maximum.at(self._longest_tail, lists, tails)
+        if self._head:
+            np.maximum.at(self._longest_tail, lists, self._tails(vectors))
         self._ivf.add_core(
             count, faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists)
         )
