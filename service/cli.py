@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -15,7 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
+from service import logs
 from service.config import QUEUES, Settings, get_settings
 
 if TYPE_CHECKING:
@@ -339,7 +340,9 @@ def api(
         factory=True,
         host=host or settings.host,
         port=port or settings.port,
-        log_level="info",
+        # The logging main() set up stays; the API logs its own access lines, with ids.
+        log_config=None,
+        access_log=False,
     )
 
 
@@ -351,6 +354,9 @@ def worker(
 ) -> None:
     """Run a Celery worker (the model runner)."""
     settings = get_settings()
+    queues = queues or ",".join(q for q in QUEUES if q in settings.worker_queues)
+    # The worker's own settings see the queues it consumes (its heartbeat reports them).
+    os.environ["GENSERVE_WORKER_QUEUES"] = queues
     command = [
         sys.executable,
         "-m",
@@ -359,7 +365,7 @@ def worker(
         "workers.app:app",
         "worker",
         "--queues",
-        queues or ",".join(q for q in QUEUES if q in settings.worker_queues),
+        queues,
         "--concurrency",
         str(concurrency or settings.worker_slots),
         "--pool",
@@ -586,7 +592,11 @@ def ingest(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = get_settings()
+        logs.configure(settings.resolved_log_format, settings.log_level)
+    except ValidationError:  # the command that reads the settings says what is wrong
+        logs.configure("text")
     app()
 
 

@@ -101,6 +101,17 @@ class Settings(BaseSettings):
     index_nprobe: int | None = Field(default=None, ge=1)
     index_maintain_interval_s: float = Field(default=1.0, gt=0)
 
+    # Log lines as JSON or text; unset means JSON in production, text elsewhere.
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # How often a worker writes its heartbeat and metrics to the database; a worker not
+    # heard from for 3 beats counts as gone (/readyz, /metrics).
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+
+    @property
+    def resolved_log_format(self) -> Literal["json", "text"]:
+        return self.log_format or ("json" if self.environment == "production" else "text")
+
     @property
     def worker_slots(self) -> int:
         """Jobs one worker process holds at once (Celery's concurrency)."""

@@ -17,6 +17,8 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
 from sqlalchemy.exc import SQLAlchemyError
 
+from service import logs
+
 logger = logging.getLogger("genserve.queue")
 
 RUN_JOB_TASK = "genserve.run_job"
@@ -74,6 +76,9 @@ def prepare_embedded_broker(path: Path) -> None:
 def celery_config(broker_url: str, *, default_queue: str = "interactive") -> dict[str, Any]:
     """Celery settings shared by the API's publisher and the worker."""
     transport_options: dict[str, Any] = {}
+    # Task events (what Flower shows): on Redis they are pub/sub messages, dropped when no
+    # one listens; kombu's SQLAlchemy transport has no fanout to carry them.
+    events = broker_url.startswith(("redis://", "rediss://", "amqp://", "pyamqp://"))
     if broker_url.startswith(("sqla+sqlite", f"{EMBEDDED_SCHEME}+sqlite")):
         # Passed to create_engine by kombu: the driver's timeout is SQLite's busy timeout.
         transport_options = {"connect_args": {"timeout": 30}}
@@ -84,6 +89,7 @@ def celery_config(broker_url: str, *, default_queue: str = "interactive") -> dic
             "queue_order_strategy": "priority",
         }
     return {
+        "worker_send_task_events": events,
         "broker_url": broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
@@ -126,14 +132,28 @@ class JobPublisher:
 
     def send(self, task: str, object_id: str, *, queue: str) -> bool:
         """Send a task about one stored object; False (logged) if the broker is unreachable."""
+        request_id = logs.request_id.get()
+        headers = {logs.REQUEST_ID_HEADER: request_id} if request_id else None
         try:
-            self._app.send_task(task, args=[object_id], queue=queue)
+            self._app.send_task(task, args=[object_id], queue=queue, headers=headers)
         except (KombuError, OSError, SQLAlchemyError) as exc:
             logger.warning(
                 "publishing %s %s failed, the sweeper will retry: %s", task, object_id, exc
             )
             return False
         return True
+
+    def ping(self, timeout_s: float = 2.0) -> None:
+        """Open a connection and a channel to the broker, or raise why it cannot."""
+        with self._app.connection_for_write() as broker:
+            broker.ensure_connection(max_retries=1, timeout=timeout_s)
+            channel = broker.channel()
+            try:
+                client = getattr(channel, "client", None)  # Redis: a command, not only a socket
+                if client is not None and hasattr(client, "ping"):
+                    client.ping()
+            finally:
+                channel.close()
 
     def close(self) -> None:
         self._app.close()

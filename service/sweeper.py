@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import batches
-from service.db import crud, partitions, training
+from service.db import crud, partitions, training, workers
 from service.db.tables import Job, TrainingJob, utcnow
 from service.queue import TRAIN_MODEL_TASK, TRAIN_QUEUE, JobPublisher
 
@@ -133,6 +133,7 @@ class Sweeper:
                     if time.monotonic() >= self._partitions_due:
                         self._partitions_due = time.monotonic() + PARTITIONS_EVERY_S
                         partitions.ensure_partitions(session.connection(), now=utcnow())
+                        workers.forget_gone(session, now=utcnow())
                         session.commit()
             except SQLAlchemyError as exc:
                 logger.warning("sweep failed, will retry: %s", exc)

@@ -16,6 +16,10 @@ from service.queue import JobPublisher
 from workers.engine.engine import EngineLimits
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
+from workers.telemetry import Heartbeat
+
+# The queues whose jobs run chat models: a worker consuming neither serves none.
+GENERATION_QUEUES = ("interactive", "batch")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class WorkerContext:
     publisher: JobPublisher
     artifacts_dir: Path
     training_slots: threading.BoundedSemaphore
+    heartbeat: Heartbeat
 
     @property
     def models(self) -> Models:
@@ -52,14 +57,16 @@ def build_context(settings: Settings) -> WorkerContext:
     limits = EngineLimits(
         max_batch=settings.max_batch, max_prefill_tokens=settings.max_prefill_tokens
     )
+    runtime = ModelRuntime(
+        cache_dir=settings.models_dir,
+        device=settings.device,
+        limits=limits,
+        embedding_runtime=settings.embedding_runtime,
+    )
+    serves = any(queue in settings.worker_queues for queue in GENERATION_QUEUES)
     return WorkerContext(
         sessionmaker=factory,
-        runtime=ModelRuntime(
-            cache_dir=settings.models_dir,
-            device=settings.device,
-            limits=limits,
-            embedding_runtime=settings.embedding_runtime,
-        ),
+        runtime=runtime,
         embedding_model=settings.embedding_model,
         chat_models=tuple(settings.chat_models),
         lease_s=settings.job_lease_s,
@@ -72,6 +79,13 @@ def build_context(settings: Settings) -> WorkerContext:
         publisher=JobPublisher(app),
         artifacts_dir=settings.resolved_artifacts_dir,
         training_slots=threading.BoundedSemaphore(settings.training_concurrency),
+        heartbeat=Heartbeat(
+            factory,
+            queues=settings.worker_queues,
+            models=settings.chat_models if serves else [],
+            device=str(runtime.device),
+            interval_s=settings.heartbeat_interval_s,
+        ),
     )
 
 
@@ -90,8 +104,18 @@ def get_context() -> WorkerContext:
 
 
 def preload() -> None:
-    """Load the embedding model and every served chat model before the first job."""
+    """Load the embedding model and every served chat model before the first job, then
+    start the heartbeat: from its first beat the worker is ready for them (/readyz)."""
     context = get_context()
     context.runtime.embedder(context.embedding_model)
     for name in context.chat_models:
         context.runtime.chat_model(name)
+    context.heartbeat.start()
+
+
+def shutdown() -> None:
+    """On the way out: remove this process's heartbeat (if it ever started)."""
+    with _lock:
+        context = _context
+    if context is not None:
+        context.heartbeat.stop()

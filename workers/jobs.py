@@ -20,7 +20,7 @@ from service.db.tables import Generation, GenerationSource, Job, new_id
 from service.events import EventSink
 from service.rag import grounding
 from service.turns import turn_messages, turn_text
-from workers import evals, exports, ingest, sampling
+from workers import evals, exports, ingest, sampling, telemetry
 from workers.engine.engine import GenerationHandle
 from workers.engine.runtime import ModelRuntime
 from workers.leases import LeaseKeeper
@@ -147,19 +147,29 @@ def _reject(session: Session, job: Job, message: str, *, param: str, code: str) 
 
 
 def _follow(
-    handle: GenerationHandle, tokens: TokenPublisher, cancelled: threading.Event, deadline: float
+    handle: GenerationHandle,
+    tokens: TokenPublisher,
+    cancelled: threading.Event,
+    deadline: float,
+    *,
+    job: Job,
 ) -> tuple[GenerationOutput, bool]:
     """Publish the generation's deltas as they come; pass a cancellation, or the time
     limit's, on to the engine. Returns the output and whether the limit stopped it."""
     timed_out = False
+    first = True
     while True:
         if not handle.cancelled and (cancelled.is_set() or time.monotonic() > deadline):
             timed_out = not cancelled.is_set()
             handle.cancel()
         item = handle.next(timeout=FOLLOW_POLL_S)
         if isinstance(item, str):
+            if first:
+                telemetry.first_token(job.model, job.created_at)
+                first = False
             tokens(item)
         elif item is not None:
+            telemetry.count_tokens(job.model, item.completion_tokens)
             return item, timed_out
 
 
@@ -203,7 +213,7 @@ def _generate(
         with factory() as session:
             return _reject(session, job, message, param="messages", code="context_length_exceeded")
     try:
-        out, timed_out = _follow(handle, tokens, leases.watch(job.id), deadline)
+        out, timed_out = _follow(handle, tokens, leases.watch(job.id), deadline, job=job)
     finally:
         leases.release(job.id)
     generate_s = time.perf_counter() - started
@@ -333,6 +343,8 @@ def run_job(
         embedding_model=embedding_model,
     )
     tokens.end(outcome.status)
+    if outcome.status != "skipped":
+        telemetry.JOBS_FINISHED.labels(job.queue, job.model, outcome.status).inc()
     return replace(outcome, batch_id=job.batch_id)
 
 

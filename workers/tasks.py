@@ -6,14 +6,21 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from sqlalchemy.exc import OperationalError
 
-from service import batches
+from service import batches, logs
 from service.queue import FINALIZE_BATCH_TASK, PREPARE_BATCH_TASK, RUN_JOB_TASK, TRAIN_MODEL_TASK
 from workers import jobs, training
 from workers.app import app
-from workers.context import get_context, preload
+from workers.context import get_context, preload, shutdown
 
 logger = logging.getLogger("genserve.worker")
 
@@ -130,3 +137,32 @@ def _preload_in_main(sender: Any = None, **_: Any) -> None:
     pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
     if "prefork" not in pool:
         preload()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _forget_heartbeat(**_: Any) -> None:
+    shutdown()
+
+
+# Each task's records carry its object's id, and the id of the request that submitted it
+# (the API puts it in the message's headers; service/queue.py).
+_task_ids: dict[str, Any] = {}
+
+
+@task_prerun.connect
+def _bind_ids(task_id: str = "", task: Task | None = None, args: Any = (), **_: Any) -> None:
+    request_id = getattr(task.request, logs.REQUEST_ID_HEADER, None) if task else None
+    job_id = args[0] if args else None
+    _task_ids[task_id] = (
+        logs.request_id.set(request_id),
+        logs.job_id.set(job_id),
+    )
+
+
+@task_postrun.connect
+def _unbind_ids(task_id: str = "", **_: Any) -> None:
+    tokens = _task_ids.pop(task_id, None)
+    if tokens is not None:
+        logs.job_id.reset(tokens[1])
+        logs.request_id.reset(tokens[0])

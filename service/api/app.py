@@ -10,11 +10,12 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
 
 from models.registry import get_spec
 from service.api.deps import ApiLimits
 from service.api.errors import register_error_handlers
-from service.api.middleware import RequestLimits
+from service.api.middleware import RequestContext, RequestLimits
 from service.api.routes import (
     admin,
     batches,
@@ -38,6 +39,7 @@ from service.config import Settings, get_settings
 from service.db.session import make_engine, make_sessionmaker
 from service.events import make_source
 from service.files import FileLimits
+from service.metrics import StateCollector
 from service.queue import JobPublisher, make_celery, prepare_embedded_broker
 from service.rag.retrieval import Retriever
 from service.ratelimit import make_rate_limiter
@@ -104,6 +106,15 @@ def _lifespan(settings: Settings):  # noqa: ANN202 - returns FastAPI's lifespan 
             embedding_model=spec.name,
         )
         app.state.response_cache = ResponseCache(index, app.state.embedder.encode_one)
+        app.state.heartbeat_interval_s = settings.heartbeat_interval_s
+        app.state.metrics_registry = CollectorRegistry(auto_describe=False)
+        app.state.metrics_registry.register(
+            StateCollector(
+                factory,
+                {"generations": index, "chunks": chunk_index},
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+            )
+        )
         app.state.served_models = tuple(settings.chat_models)
         app.state.events = make_source(settings.events_backend_url)
         app.state.rate_limiter = make_rate_limiter(settings.events_backend_url)
@@ -146,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             collections.UPLOAD_PATH: upload_bound,
         },
     )
+    app.add_middleware(RequestContext)  # added last: outermost, it sees every answer
     routers = (
         health,
         jobs,

@@ -1,23 +1,79 @@
-"""ASGI middleware: request ids, a bound on request bodies, and storable text."""
+"""ASGI middleware: request ids, metrics and access logs; a bound on request bodies, and
+storable text."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import storable
+from service import logs, metrics, storable
 
 logger = logging.getLogger("genserve.api")
+access_logger = logging.getLogger("genserve.access")
+
+
+class RequestContext:
+    """Gives each request an id (X-Request-ID, and every record logged while it runs),
+    times it by route for /metrics, and logs one access line when it ends.
+
+    The line has the method, the path without its query, the route, the status and the
+    duration; no header and no query string, so no key or secret is ever logged.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500  # what the client gets if the app fails before answering
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        with logs.ids(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                elapsed = time.perf_counter() - started
+                route = metrics.route_label(scope)
+                metrics.REQUEST_DURATION.labels(scope["method"], route, str(status)).observe(
+                    elapsed
+                )
+                access_logger.info(
+                    "%s %s %d %.1fms",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    elapsed * 1000,
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
 
 
 class RequestLimits:
-    """Gives each request an id (X-Request-ID) and refuses what no route could take.
+    """Refuses what no route could take: bodies over a bound, text SQL cannot store.
 
     Bodies are read whole, up to max_bytes, before the app sees them, and 413 answers
     those above it; POSTs to a path of stream_paths (uploads) pass through as they
@@ -50,32 +106,24 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
+        request_id = scope["state"]["request_id"]  # RequestContext, outside this
         unstorable = _unstorable_url(scope)
         if unstorable is not None:
-            await _refuse_text(send_with_id, *unstorable)
+            await _refuse_text(send, *unstorable)
             return
         stream_bound = self._stream_bound(scope)
         limit = self.max_bytes if stream_bound is None else stream_bound
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._too_large(send_with_id, limit)
+            await self._too_large(send, limit)
             return
         started = False
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            await send_with_id(message)
+            await send(message)
 
         try:
             if stream_bound is None:
@@ -91,7 +139,7 @@ class RequestLimits:
             if started:
                 raise  # a streamed answer already begun cannot become an error
             await _error(
-                send_with_id,
+                send,
                 500,
                 f"internal error (request {request_id})",
                 code="internal_error",

@@ -384,6 +384,13 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class Readiness(BaseModel):
+    """Each check: ok, and an error naming what is wrong when not."""
+
+    status: Literal["ready", "not ready"]
+    checks: dict[str, dict[str, Any]]
+
+
 # --- trained models ------------------------------------------------------------------------
 
 Arch = Literal["char_rnn", "vae", "gan", "diffusion", "tabular", "autoencoder"]

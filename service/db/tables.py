@@ -734,3 +734,25 @@ class EvalResult(Base):
     scores: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process's last sign of life: what it serves, and its metrics at that beat.
+
+    Each process writes its own row every few seconds (workers/telemetry.py); /readyz
+    reads which models have a live worker, /metrics republishes the metrics.
+    """
+
+    __tablename__ = "worker_heartbeats"
+
+    # The Celery node name and the process id: one row per process that runs jobs.
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JsonDoc, default=list)
+    models: Mapped[list[str]] = mapped_column(JsonDoc, default=list)
+    device: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # Metric families as prometheus_client collects them (workers/telemetry.py).
+    metrics: Mapped[list[Any]] = mapped_column(JsonDoc, default=list)

@@ -36,6 +36,9 @@ def _env(backend: str, database_url: str, broker_url: str, cache: Path) -> dict[
         "GENSERVE_SWEEP_INTERVAL_S": "0.5",
         "GENSERVE_REQUEUE_AFTER_S": "2",
         "GENSERVE_MAX_BODY_BYTES": "65536",
+        # Lines the tests can read back, and metrics a second old rather than five.
+        "GENSERVE_LOG_FORMAT": "json",
+        "GENSERVE_HEARTBEAT_INTERVAL_S": "1",
     }
     if database_url:
         env["GENSERVE_DATABASE_URL"] = database_url

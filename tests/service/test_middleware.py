@@ -14,7 +14,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from service import storable
-from service.api.middleware import RequestLimits
+from service.api.middleware import RequestContext, RequestLimits
 from service.batches import parse_line
 
 
@@ -57,7 +57,7 @@ async def echo(request: Request) -> JSONResponse:
 def client() -> TestClient:
     routes = [Route("/fail", fail), Route("/{rest:path}", echo, methods=["GET", "POST"])]
     # Where create_app puts it: inside Starlette's outermost error handler.
-    middleware = [Middleware(RequestLimits, max_bytes=1 << 20)]
+    middleware = [Middleware(RequestContext), Middleware(RequestLimits, max_bytes=1 << 20)]
     return TestClient(Starlette(routes=routes, middleware=middleware))
 
 

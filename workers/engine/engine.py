@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from models.backends.causal_lm import CausalLM
 from models.backends.decoding import BatchDecoder, DecodeRequest, GenerationOutput, SamplingParams
+from workers import telemetry
 
 logger = logging.getLogger("genserve.worker")
 
@@ -157,11 +158,11 @@ class Engine:
                         future.set_result(function())
                     except BaseException as exc:  # handed to the caller, who raises it
                         future.set_exception(exc)
-            for decoder in self._decoders.values():
+            for model, decoder in self._decoders.items():
                 if decoder.has_work:
-                    self._step(decoder)
+                    self._step(decoder, model)
 
-    def _step(self, decoder: BatchDecoder) -> None:
+    def _step(self, decoder: BatchDecoder, model: CausalLM) -> None:
         try:
             finished = decoder.step()
         except Exception as exc:
@@ -171,3 +172,5 @@ class Engine:
             return
         for request, output in finished:
             self._handles.pop(request)._put(output)
+        # The step's batch: what still runs, and what it finished.
+        telemetry.engine_step(model.name, decoder.running + len(finished), decoder.running)
