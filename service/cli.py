@@ -1,4 +1,5 @@
-"""The `genserve` command: serve, api, worker, migrate, keys, tenants, history, ingest."""
+"""The `genserve` command: serve, api, worker, migrate, keys, tenants, history here; the
+commands that talk to a server over HTTP in service/cli_remote.py."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
 from service import logs
+from service.cli_remote import ADMIN_KEY_FILE, remote
 from service.config import QUEUES, Settings, get_settings
 
 if TYPE_CHECKING:
@@ -31,9 +32,11 @@ tenants_app = typer.Typer(help="Tenants: limits, settings, deletion.", no_args_i
 app.add_typer(tenants_app, name="tenants")
 history_app = typer.Typer(help="The stored history: partitioning by month.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
+# Over HTTP to any server: submit, jobs, generations, search, batch, export, models, train,
+# usage, ingest (service/cli_remote.py).
+app.add_typer(remote)
 
 ROLES = ("admin", "writer", "reader")
-ADMIN_KEY_FILE = "admin-key.txt"
 
 
 def _migrate(settings: Settings) -> None:
@@ -435,160 +438,6 @@ def serve(
     code = _stop(children)
     typer.echo("genserve stopped")
     raise typer.Exit(0 if stopping else code or 1)
-
-
-UPLOAD_FILES = 50  # files per upload request
-UPLOAD_BYTES = 32 * 1024 * 1024  # bytes per upload request, about
-
-
-def _upload_groups(paths: list[Path]) -> Iterator[list[Path]]:
-    group: list[Path] = []
-    size = 0
-    for path in paths:
-        length = path.stat().st_size
-        if group and (len(group) >= UPLOAD_FILES or size + length > UPLOAD_BYTES):
-            yield group
-            group, size = [], 0
-        group.append(path)
-        size += length
-    if group:
-        yield group
-
-
-def _documents_in(folder: Path) -> list[Path]:
-    from service.rag.extract import EXTENSIONS
-
-    if folder.is_file():
-        return [folder]
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and path.suffix.lower() in EXTENSIONS
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
-
-
-def _api_key(key: str | None) -> str:
-    """The key given, else the admin key `genserve serve` wrote to the data dir."""
-    if not key:
-        key_file = get_settings().resolved_data_dir / ADMIN_KEY_FILE
-        key = key_file.read_text().strip() if key_file.is_file() else None
-    if not key:
-        raise typer.BadParameter("give --key or set GENSERVE_API_KEY", param_hint="--key")
-    return key
-
-
-UrlOption = Annotated[str, typer.Option(envvar="GENSERVE_URL", help="The API.")]
-KeyOption = Annotated[str | None, typer.Option(envvar="GENSERVE_API_KEY", help="An API key.")]
-
-
-@app.command()
-def submit(
-    model: Annotated[str, typer.Argument(help="A served model.")],
-    prompt: Annotated[str, typer.Argument(help="The prompt.")],
-    max_tokens: Annotated[int, typer.Option(min=1, help="New tokens at most.")] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.0,
-    stream: Annotated[bool, typer.Option("--stream", help="Print the text as it comes.")] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the finished job as JSON.")
-    ] = False,
-    url: UrlOption = "http://127.0.0.1:8000",
-    key: KeyOption = None,
-) -> None:
-    """Submit a prompt over HTTP and print the generation when it is done (or as it comes,
-    with --stream)."""
-    import httpx
-
-    from service.client import ApiError, Client
-
-    params = {"max_tokens": max_tokens, "temperature": temperature}
-    try:
-        with Client(url, _api_key(key)) as client:
-            job = client.submit(model, prompt=prompt, params=params)
-            if stream and not as_json:
-                for text in client.stream(job.id):
-                    typer.echo(text, nl=False)
-                typer.echo()
-            job = client.wait(job.id)
-            if as_json:
-                typer.echo(job.model_dump_json())
-            elif job.status != "succeeded":
-                typer.echo(f"error: job {job.id} {job.status}: {job.error}", err=True)
-                raise typer.Exit(1)
-            elif not stream and job.generation_id:
-                typer.echo(client.generation(job.generation_id).output)
-    except ApiError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except httpx.TransportError as exc:
-        typer.echo(f"error: cannot reach {url}: {exc}", err=True)
-        raise typer.Exit(1) from None
-
-
-@app.command()
-def ingest(
-    folder: Annotated[Path, typer.Argument(help="A folder of documents, or one file.")],
-    collection: Annotated[str, typer.Option(help="Collection id or name; made if missing.")],
-    url: UrlOption = "http://127.0.0.1:8000",
-    key: KeyOption = None,
-    wait: Annotated[bool, typer.Option(help="Wait until the documents are searchable.")] = True,
-) -> None:
-    """Upload a folder of documents (text, Markdown, HTML, PDF, JSONL) into a collection
-    through the API, and follow their ingestion."""
-    import httpx
-
-    if not folder.exists():
-        raise typer.BadParameter(f"{folder} does not exist", param_hint="FOLDER")
-    key = _api_key(key)
-    paths = _documents_in(folder)
-    if not paths:
-        typer.echo(f"no documents in {folder}", err=True)
-        raise typer.Exit(1)
-    with httpx.Client(
-        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300
-    ) as client:
-        found = client.get(f"/v1/collections/{collection}")
-        if found.status_code == 404:
-            found = client.post("/v1/collections", json={"name": collection})
-        if found.status_code >= 400:
-            typer.echo(f"collection {collection}: {found.json()['error']['message']}", err=True)
-            raise typer.Exit(1)
-        collection_id = found.json()["id"]
-        locations = []
-        for group in _upload_groups(paths):
-            handles = [path.open("rb") for path in group]
-            try:
-                answer = client.post(
-                    f"/v1/collections/{collection_id}/documents",
-                    files=[("file", (p.name, h)) for p, h in zip(group, handles, strict=True)],
-                )
-            finally:
-                for handle in handles:
-                    handle.close()
-            if answer.status_code != 202:
-                typer.echo(f"upload refused: {answer.json()['error']['message']}", err=True)
-                raise typer.Exit(1)
-            locations.append(answer.headers["Location"])
-        typer.echo(f"uploaded {len(paths)} files to collection {collection_id}")
-        failed = False
-        while wait and locations:
-            time.sleep(1)
-            progress = [client.get(location).json() for location in locations]
-            done = [p for p in progress if p["status"] in ("succeeded", "failed", "cancelled")]
-            counts = [p["progress"].get("documents", {}) for p in progress]
-            typer.echo(
-                f"documents {sum(c.get('done', 0) for c in counts)}"
-                f"/{sum(c.get('total', 0) for c in counts)}, "
-                f"ingestions {len(done)}/{len(progress)}"
-            )
-            if len(done) == len(progress):
-                for p in done:
-                    for error in p["progress"].get("errors", []):
-                        typer.echo(f"error: {error}", err=True)
-                    failed = failed or p["status"] != "succeeded"
-                break
-    raise typer.Exit(1 if failed else 0)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -35,10 +35,14 @@ from service.api.schemas import (
     Page,
     SearchRequest,
     SearchResponse,
+    TrainingEventList,
+    TrainingJobCreate,
+    TrainingJobPublic,
+    UsageReport,
 )
 from service.db.tables import TERMINAL_STATUSES
 from service.openai_compat.files_protocol import FileObject
-from service.openai_compat.protocol import BatchObject
+from service.openai_compat.protocol import BatchObject, ModelList
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 M = TypeVar("M", bound=BaseModel)
@@ -136,15 +140,26 @@ class Client:
                 "conversation_id": conversation_id,
             }
         )
+        return self.submit_request(body, idempotency_key=idempotency_key)
+
+    def submit_request(
+        self, request: JobCreate, *, idempotency_key: str | None = None
+    ) -> JobPublic:
+        """Submit a job request built whole (any input: prompt, messages, images, rows)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self._send(JobPublic, "POST", "/v1/jobs", json=_body(body), headers=headers)
+        return self._send(JobPublic, "POST", "/v1/jobs", json=_body(request), headers=headers)
 
     def job(self, job_id: str) -> JobPublic:
         return self._send(JobPublic, "GET", f"/v1/jobs/{job_id}")
 
-    def jobs(self, **filters: Any) -> Page[JobPublic]:
-        """A page of the caller's jobs, newest first (status, model, tag, cursor, limit...)."""
-        return self._send(Page[JobPublic], "GET", "/v1/jobs", params=_query(filters))
+    def jobs(self, *, ids: Sequence[str] = (), **filters: Any) -> Page[JobPublic]:
+        """A page of the caller's jobs, newest first (status, model, tag, cursor, limit...);
+        with ids (at most 100), only those: one request follows many jobs."""
+        params = _query(filters)
+        if ids:
+            params["id"] = list(ids)
+            params.setdefault("limit", len(ids))
+        return self._send(Page[JobPublic], "GET", "/v1/jobs", params=params)
 
     def wait(self, job_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.25) -> JobPublic:
         """The job once it has ended (succeeded, failed or cancelled).
@@ -193,6 +208,51 @@ class Client:
 
     def export_status(self, export_id: str) -> ExportPublic:
         return self._send(ExportPublic, "GET", f"/v1/exports/{export_id}")
+
+    def usage(self, **query: Any) -> UsageReport:
+        """Requests, tokens, latency and cache hits per day (start, end, group_by, model)."""
+        return self._send(UsageReport, "GET", "/v1/usage", params=_query(query))
+
+    # --- models and training --------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        """The models this server serves, and the versions trained here."""
+        return self._send(ModelList, "GET", "/v1/models")
+
+    def train(
+        self,
+        name: str,
+        arch: str,
+        dataset_file_id: str,
+        *,
+        config: dict[str, Any] | None = None,
+        seed: int = 0,
+        parent_version: int | None = None,
+    ) -> TrainingJobPublic:
+        """Train a model of a family on an uploaded dataset (purpose fine-tune)."""
+        body = TrainingJobCreate.model_validate(
+            {
+                "name": name,
+                "arch": arch,
+                "dataset_file_id": dataset_file_id,
+                "config": config or {},
+                "seed": seed,
+                "parent_version": parent_version,
+            }
+        )
+        return self._send(TrainingJobPublic, "POST", "/v1/training-jobs", json=_body(body))
+
+    def training_job(self, job_id: str) -> TrainingJobPublic:
+        return self._send(TrainingJobPublic, "GET", f"/v1/training-jobs/{job_id}")
+
+    def training_progress(self, job_id: str, *, after: int = 0) -> TrainingEventList:
+        """The job's reports after event id `after`, oldest first (its loss curve)."""
+        return self._send(
+            TrainingEventList,
+            "GET",
+            f"/v1/training-jobs/{job_id}/progress",
+            params={"after": after},
+        )
 
     # --- files and batches ----------------------------------------------------------------
 

@@ -296,12 +296,21 @@ def get_job_by_idempotency_key(session: Session, *, tenant_id: int, key: str) ->
 
 
 def list_jobs(
-    session: Session, *, tenant_id: int, filters: Filters, cursor: str | None, limit: int
+    session: Session,
+    *,
+    tenant_id: int,
+    filters: Filters,
+    cursor: str | None,
+    limit: int,
+    ids: Sequence[str] = (),
 ) -> tuple[list[Job], bool]:
+    """A page of the tenant's jobs, newest first; with ids, only those among them."""
     query = select(Job).where(Job.tenant_id == tenant_id)
     query = query.where(*filter_clauses(Job, filters, _dialect(session)))
     if filters.status:
         query = query.where(Job.status == filters.status)
+    if ids:
+        query = query.where(Job.id.in_(ids))
     return page_by_id(session, query, Job, after=cursor, limit=limit)
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,6 +45,9 @@ from service.submit import (
     served_model,
     store_job,
 )
+
+# Jobs one listing may name by id (GET /v1/jobs?id=...&id=...).
+MAX_IDS = 100
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -269,6 +272,14 @@ def read_jobs(
     session: SessionDep,
     filters: Annotated[crud.Filters, Depends(list_filters)],
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    job_id: Annotated[
+        list[str] | None,
+        Query(
+            alias="id",
+            max_length=MAX_IDS,
+            description=f"Only these jobs (repeat, at most {MAX_IDS}): one request follows many",
+        ),
+    ] = None,
     cursor: Cursor = None,
     limit: Limit = 20,
 ) -> Page[JobPublic]:
@@ -279,6 +290,7 @@ def read_jobs(
         filters=replace(filters, status=status),
         cursor=cursor,
         limit=limit,
+        ids=job_id or (),
     )
     return Page[JobPublic].of(rows, has_more, JobPublic.from_row)
 
