@@ -122,7 +122,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
             typer.echo("\t".join(row))
         return
     table = Table(*headers, box=None)
-    table.columns[0].no_wrap = True  # an id is copied whole
+    for column in table.columns[:-1]:  # one line a row; only the last column (text) wraps
+        column.no_wrap = True
+    table.columns[0].min_width = max((len(row[0]) for row in rows), default=0)  # ids whole
     for row in rows:
         table.add_row(*row)
     out.print(table)

@@ -106,3 +106,5 @@ def configure(fmt: LogFormat = "text", level: int | str = logging.INFO) -> None:
         named = logging.getLogger(name)
         named.handlers.clear()
         named.propagate = True
+    # A line per HTTP request made (the CLI's, the clients'): the access log has the API's.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
