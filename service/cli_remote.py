@@ -616,7 +616,8 @@ def ingest(
     key: KeyOption = None,
 ) -> None:
     """Upload a folder of documents (text, Markdown, HTML, PDF, JSONL) into a collection
-    and follow their ingestion: a bar per upload, and one for the documents overall."""
+    and follow their ingestion: a bar per file while it uploads, one for the bytes of all
+    files, and one for the documents ingested."""
     if not folder.exists():
         raise typer.BadParameter(f"{folder} does not exist", param_hint="FOLDER")
     paths = _documents_in(folder)
@@ -639,12 +640,13 @@ def ingest(
             progress,
         ):
             collection_id = _collection(http, collection)
-            locations = []
-            for number, group in enumerate(_upload_groups(paths), start=1):
-                size = sum(path.stat().st_size for path in group)
-                task = progress.add_task(f"upload {number}: {len(group)} files", total=size)
-                locations.append(_upload(http, collection_id, group, progress, task))
-            overall = progress.add_task("documents", total=len(paths))
+            total = sum(path.stat().st_size for path in paths)
+            uploaded = progress.add_task(f"upload {len(paths)} files", total=total)
+            locations = [
+                _upload(http, collection_id, group, progress, uploaded)
+                for group in _upload_groups(paths)
+            ]
+            overall = progress.add_task("documents ingested", total=len(paths))
             failed = _follow_ingestions(http, locations, progress, overall) if wait else False
     except httpx.TransportError as exc:
         _fail(f"cannot reach {base}: {exc}")
@@ -671,16 +673,21 @@ def _collection(http: httpx.Client, collection: str) -> str:
 
 
 class _Counted:
-    """A file read in chunks that advances a progress bar as the upload sends it."""
+    """A file read in chunks as the upload sends it: its own bar (shown while it is being
+    sent) and the overall one advance with each chunk."""
 
-    def __init__(self, path: Path, progress: Progress, task: Any) -> None:
+    def __init__(self, path: Path, progress: Progress, overall: Any) -> None:
         self._handle = path.open("rb")
         self._progress = progress
-        self._task = task
+        self._overall = overall
+        self._size = path.stat().st_size
+        self._task = progress.add_task(f"  {path.name}", total=self._size or 1, visible=False)
 
     def read(self, size: int = -1) -> bytes:
         chunk = self._handle.read(size)
-        self._progress.advance(self._task, len(chunk))
+        sent = self._handle.tell()
+        self._progress.update(self._task, completed=sent, visible=0 < sent < self._size)
+        self._progress.advance(self._overall, len(chunk))
         return chunk
 
     # httpx learns the length from these, so the body is not sent chunked.
@@ -695,6 +702,7 @@ class _Counted:
 
     def close(self) -> None:
         self._handle.close()
+        self._progress.remove_task(self._task)
 
 
 def _upload(
