@@ -36,6 +36,7 @@ from service.api.routes import (
 )
 from service.cache import ResponseCache
 from service.config import Settings, get_settings
+from service.console import routes as console
 from service.db.session import make_engine, make_sessionmaker
 from service.events import make_source
 from service.files import FileLimits
@@ -176,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (*routers, files, batches):
         app.include_router(module.router)
+    app.include_router(console.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -1,0 +1,1 @@
+"""The web console: hand-written pages served by the API that speak only its JSON API."""
