@@ -56,6 +56,11 @@ UrlOption = Annotated[
 ]
 KeyOption = Annotated[str | None, typer.Option(envvar="GENSERVE_API_KEY", help="An API key.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON.")]
+# The history's filters and pages, as the listings and search take them.
+ModelOption = Annotated[str | None, typer.Option(help="Only this model's.")]
+TagOption = Annotated[list[str] | None, typer.Option(help="Has this tag (repeatable).")]
+LimitOption = Annotated[int, typer.Option(min=1, max=100)]
+CursorOption = Annotated[str | None, typer.Option(help="The next page, from the last one.")]
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -173,10 +178,10 @@ def submit(
 @remote.command()
 def jobs(
     status: Annotated[str | None, typer.Option(help="queued, running, succeeded...")] = None,
-    model: Annotated[str | None, typer.Option(help="Only this model's.")] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="Has this tag (repeatable).")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
-    cursor: Annotated[str | None, typer.Option(help="The next page, from the last one.")] = None,
+    model: ModelOption = None,
+    tag: TagOption = None,
+    limit: LimitOption = 20,
+    cursor: CursorOption = None,
     as_json: JsonOption = False,
     url: UrlOption = None,
     key: KeyOption = None,
@@ -203,11 +208,11 @@ def generations(
     generation_id: Annotated[
         str | None, typer.Argument(help="Show this one whole; else list.")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Only this model's.")] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="Has this tag (repeatable).")] = None,
+    model: ModelOption = None,
+    tag: TagOption = None,
     conversation: Annotated[str | None, typer.Option(help="One conversation's.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
-    cursor: Annotated[str | None, typer.Option(help="The next page, from the last one.")] = None,
+    limit: LimitOption = 20,
+    cursor: CursorOption = None,
     as_json: JsonOption = False,
     url: UrlOption = None,
     key: KeyOption = None,
@@ -268,8 +273,8 @@ def search(
     mode: Annotated[str, typer.Option(help="vector, keyword or hybrid.")] = "hybrid",
     k: Annotated[int, typer.Option(min=1, max=100, help="Results.")] = 10,
     target: Annotated[str, typer.Option(help="prompt, output or both.")] = "both",
-    tag: Annotated[list[str] | None, typer.Option(help="Has this tag (repeatable).")] = None,
-    model: Annotated[str | None, typer.Option(help="Only this model's.")] = None,
+    tag: TagOption = None,
+    model: ModelOption = None,
     as_json: JsonOption = False,
     url: UrlOption = None,
     key: KeyOption = None,
@@ -401,8 +406,8 @@ def export(
     fmt: Annotated[
         str, typer.Option("--format", help="openai_chat or prompt_completion.")
     ] = "openai_chat",
-    model: Annotated[str | None, typer.Option(help="Only this model's.")] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="Has this tag (repeatable).")] = None,
+    model: ModelOption = None,
+    tag: TagOption = None,
     dedup: Annotated[bool, typer.Option(help="Drop exact and near duplicates.")] = True,
     limit: Annotated[int | None, typer.Option(min=1, help="Rows at most.")] = None,
     as_json: JsonOption = False,

@@ -88,21 +88,8 @@ def test_a_batch_run_stopped_midway_resumes_without_running_a_line_twice(
     with output.open("a") as handle:
         handle.write('{"line": 99, "trunc')
 
-    summary = _ok(
-        runner,
-        "batch",
-        "run",
-        str(source),
-        "--model",
-        MODEL,
-        "--max-tokens",
-        "4",
-        "--temperature",
-        "0",
-        "--concurrency",
-        "4",
-        "--json",
-    )
+    run = ["batch", "run", str(source), "--model", MODEL, "--max-tokens", "4", "--temperature"]
+    summary = _ok(runner, *run, "0", "--concurrency", "4", "--json")
     assert summary["total"] == 8 and summary["done"] == 8 and summary["failed"] == 0
     after = _results(output)
     assert sorted(r["line"] for r in after) == list(range(1, 9))
@@ -115,19 +102,7 @@ def test_a_batch_run_stopped_midway_resumes_without_running_a_line_twice(
     assert len(submitted) == 8  # one job a line, however often the run was started
     assert {job.id for job in submitted} == {r["job_id"] for r in after}
 
-    again = _ok(
-        runner,
-        "batch",
-        "run",
-        str(source),
-        "--model",
-        MODEL,
-        "--max-tokens",
-        "4",
-        "--temperature",
-        "0",
-        "--json",
-    )
+    again = _ok(runner, *run, "0", "--json")
     assert again["done"] == 8 and len(_results(output)) == 8  # nothing left to do
 
 

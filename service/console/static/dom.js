@@ -65,6 +65,28 @@ export function generationHref(id) {
   return `#/generations/${encodeURIComponent(id)}`;
 }
 
+// A card that opens a generation: its model and time, what the view adds to that line,
+// then the view's body; `after` sits outside the link.
+export function generationCard(generation, { cls = "", head = [], body = [], after = null } = {}) {
+  return h(
+    "article",
+    { class: `card item ${cls}`.trim() },
+    h(
+      "a",
+      { class: "item-link", href: generationHref(generation.id) },
+      h(
+        "header",
+        { class: "item-head" },
+        h("strong", {}, generation.model),
+        h("span", { class: "muted" }, when(generation.created_at)),
+        head,
+      ),
+      body,
+    ),
+    after,
+  );
+}
+
 export function when(iso) {
   if (!iso) return "";
   const date = typeof iso === "number" ? new Date(iso * 1000) : new Date(iso);

@@ -1,33 +1,23 @@
 // The history: stored generations, newest first, with the API's filters.
 
 import { api } from "./api.js";
-import { field, generationHref, h, number, shorten, when } from "./dom.js";
+import { field, generationCard, h, number, shorten } from "./dom.js";
 import { apiQuery, fill, listFields, paramsOf } from "./filters.js";
 
-export function generationCard(generation) {
+function historyCard(generation) {
   const tags = generation.metadata.tags || [];
-  return h(
-    "article",
-    { class: "card item" },
-    h(
-      "a",
-      { class: "item-link", href: generationHref(generation.id) },
-      h(
-        "header",
-        { class: "item-head" },
-        h("strong", {}, generation.model),
-        h("span", { class: "muted" }, when(generation.created_at)),
-        generation.feedback_count
-          ? h("span", { class: "score" }, `score ${number(generation.feedback_score, 2)}`)
-          : null,
-      ),
+  return generationCard(generation, {
+    head: generation.feedback_count
+      ? h("span", { class: "score" }, `score ${number(generation.feedback_score, 2)}`)
+      : null,
+    body: [
       h("p", { class: "prompt" }, shorten(generation.prompt, 200)),
       generation.content.length
         ? h("p", { class: "output muted" }, `${generation.content.length} file(s): ${generation.content[0].media_type}`)
         : h("p", { class: "output" }, shorten(generation.output, 280)),
-    ),
-    tags.length ? h("p", { class: "chips" }, tags.map((tag) => h("span", { class: "chip" }, tag))) : null,
-  );
+    ],
+    after: tags.length ? h("p", { class: "chips" }, tags.map((tag) => h("span", { class: "chip" }, tag))) : null,
+  });
 }
 
 export async function render(view, { params, signal, fail }) {
@@ -55,7 +45,7 @@ export async function render(view, { params, signal, fail }) {
   let cursor = null;
   const load = async () => {
     const page = await api("/v1/generations", { query: { ...query, cursor, limit: 20 }, signal });
-    list.append(...page.data.map(generationCard));
+    list.append(...page.data.map(historyCard));
     if (!list.children.length) list.append(h("p", { class: "muted" }, "No generations match."));
     cursor = page.next_cursor;
     more.hidden = !page.has_more;

@@ -2,7 +2,7 @@
 // snippets.
 
 import { api } from "./api.js";
-import { field, generationHref, h, highlighted, number, select, when } from "./dom.js";
+import { field, generationCard, h, highlighted, number, select } from "./dom.js";
 import { fill, paramsOf } from "./filters.js";
 
 const MODES = [
@@ -25,30 +25,18 @@ function scoreLine(hit) {
 }
 
 function hitCard(hit) {
-  const generation = hit.generation;
-  return h(
-    "article",
-    { class: "card item hit" },
-    h(
-      "a",
-      { class: "item-link", href: generationHref(generation.id) },
+  return generationCard(hit.generation, {
+    cls: "hit",
+    head: h("span", { class: "muted" }, scoreLine(hit)),
+    body: Object.entries(hit.snippets).map(([name, snippet]) =>
       h(
-        "header",
-        { class: "item-head" },
-        h("strong", {}, generation.model),
-        h("span", { class: "muted" }, when(generation.created_at)),
-        h("span", { class: "muted" }, scoreLine(hit)),
-      ),
-      Object.entries(hit.snippets).map(([name, snippet]) =>
-        h(
-          "p",
-          { class: `snippet ${name}` },
-          h("span", { class: "snippet-name" }, name),
-          highlighted(snippet.text, snippet.highlights),
-        ),
+        "p",
+        { class: `snippet ${name}` },
+        h("span", { class: "snippet-name" }, name),
+        highlighted(snippet.text, snippet.highlights),
       ),
     ),
-  );
+  });
 }
 
 function request(params) {
