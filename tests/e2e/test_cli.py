@@ -21,6 +21,13 @@ pytestmark = pytest.mark.e2e
 MODEL = "tiny-random-llama"
 
 
+def _one_backend(live: Live) -> None:
+    """The commands are HTTP clients: what the server does is tested on both backends
+    elsewhere; resuming a batch (idempotency in SQL) runs on both here."""
+    if live.backend != "sqlite":
+        pytest.skip("the command is a client of the API; one backend is enough")
+
+
 @pytest.fixture
 def runner(live: Live, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
     monkeypatch.setenv("GENSERVE_URL", live.service.base_url)
@@ -109,6 +116,7 @@ def test_a_batch_run_stopped_midway_resumes_without_running_a_line_twice(
 def test_a_batch_line_the_server_refuses_fails_alone(
     live: Live, runner: CliRunner, tmp_path: Path
 ) -> None:
+    _one_backend(live)
     source = tmp_path / "mixed.jsonl"
     source.write_text(
         json.dumps({"prompt": "fine", "params": {"max_tokens": 2}})
@@ -125,7 +133,10 @@ def test_a_batch_line_the_server_refuses_fails_alone(
     assert by_line[2]["job_id"] is None
 
 
-def test_a_batch_file_with_a_bad_line_submits_nothing(runner: CliRunner, tmp_path: Path) -> None:
+def test_a_batch_file_with_a_bad_line_submits_nothing(
+    live: Live, runner: CliRunner, tmp_path: Path
+) -> None:
+    _one_backend(live)
     source = tmp_path / "bad.jsonl"
     source.write_text('{"prompt": "fine"}\n{"prompt": \n')
     result = runner.invoke(app, ["batch", "run", str(source), "--model", MODEL])
@@ -140,6 +151,7 @@ def test_a_batch_file_with_a_bad_line_submits_nothing(runner: CliRunner, tmp_pat
 
 
 def test_listings_search_models_and_usage(live: Live, runner: CliRunner) -> None:
+    _one_backend(live)
     tag = f"cli-{uuid.uuid4().hex[:8]}"
     with Client(live.service.base_url, live.writer) as client:
         job = client.submit(
@@ -172,6 +184,7 @@ def test_listings_search_models_and_usage(live: Live, runner: CliRunner) -> None
 
 
 def test_export_writes_the_file(live: Live, runner: CliRunner, tmp_path: Path) -> None:
+    _one_backend(live)
     tag = f"export-{uuid.uuid4().hex[:8]}"
     with Client(live.service.base_url, live.writer) as client:
         for prompt in ("first question", "second question"):
@@ -189,8 +202,7 @@ def test_export_writes_the_file(live: Live, runner: CliRunner, tmp_path: Path) -
 def test_train_follows_the_loss_until_registered(
     live: Live, runner: CliRunner, tmp_path: Path
 ) -> None:
-    if live.backend != "sqlite":
-        pytest.skip("training is the same on either backend; tests/e2e/test_training has both")
+    _one_backend(live)
     dataset = tmp_path / "tides.txt"
     dataset.write_text("the tide comes in and the tide goes out. " * 60)
     name = f"cli-{uuid.uuid4().hex[:6]}"
@@ -221,6 +233,7 @@ def test_train_follows_the_loss_until_registered(
 
 
 def test_errors_are_one_line_and_exit_1(live: Live, runner: CliRunner, tmp_path: Path) -> None:
+    _one_backend(live)
     for args in (
         ["jobs", "--url", "http://127.0.0.1:9"],
         ["jobs", "--key", "gs-wrong"],
