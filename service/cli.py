@@ -18,6 +18,11 @@ from pydantic import ValidationError
 
 from service import logs
 from service.cli_remote import ADMIN_KEY_FILE, remote
+
+try:  # typer carries its own copy of click since 0.2x; before, it used click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 from service.config import QUEUES, Settings, get_settings
 
 if TYPE_CHECKING:
@@ -446,7 +451,46 @@ def main() -> None:
         logs.configure(settings.resolved_log_format, settings.log_level)
     except ValidationError:  # the command that reads the settings says what is wrong
         logs.configure("text")
-    app()
+    sys.exit(run(sys.argv[1:]))
+
+
+def run(args: list[str]) -> int:
+    """The command line, its exit status returned; a mistake is one line on stderr.
+
+    Wrong usage (a missing argument, a bad value) exits 2, a setting or database the
+    command cannot use exits 1, Ctrl-C 130. Anything else is a bug and keeps its traceback.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        status = app(args, prog_name="genserve", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        typer.echo(exc.format_message())
+        return 2
+    except click_errors.UsageError as exc:
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        return _error(exc.format_message() + hint, 2)
+    except (typer.Abort, KeyboardInterrupt):
+        return _error("stopped", 130)
+    except ValidationError as exc:  # the settings (GENSERVE_*)
+        return _error("; ".join(_setting_problem(e) for e in exc.errors()), 1)
+    except SQLAlchemyError as exc:
+        problem = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        if "no such table" in problem or "does not exist" in problem:
+            problem += "; is the database migrated? run: genserve migrate"
+        return _error(f"database: {problem}", 1)
+    return status if isinstance(status, int) else 0
+
+
+def _setting_problem(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"GENSERVE_{where.upper()}: {message}" if where else message
+
+
+def _error(message: str, status: int) -> int:
+    typer.echo(f"error: {message}", err=True)
+    return status
 
 
 if __name__ == "__main__":
