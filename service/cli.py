@@ -426,7 +426,7 @@ def serve(
         subprocess.Popen([*cli, "api", "--host", host, "--port", str(port)]),
         subprocess.Popen([*cli, "worker"]),
     ]
-    typer.echo(f"genserve is starting at http://{host}:{port} (docs at /docs)")
+    typer.echo(f"genserve is starting at http://{host}:{port} (console at /console, docs at /docs)")
     if admin_key:
         typer.echo(f"admin API key (saved in {settings.resolved_data_dir / ADMIN_KEY_FILE}):")
         typer.echo(admin_key)
