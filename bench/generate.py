@@ -13,6 +13,12 @@ SciFact claims, mixed lengths) and --max-tokens for every system:
 - peer: `transformers serve FOLDER --device DEVICE` on the same converted folder, without
   and with `--continuous-batching`; its figure at each concurrency is the faster mode.
 
+- with --ceiling, what batching can reach with no service around it, at the highest
+  --concurrency C: transformers `generate` on static batches of C prompts (left padded;
+  tokens counted up to each row's end, and with the steps padded after it), and
+  genserve's engine in process, driven by C threads in a closed loop (no HTTP, broker or
+  SQL). Each in its own spawned child.
+
 --device cuda runs all three on the GPU in bfloat16 (SDPA attention), and reports the
 GPU's name and the device memory each held; --backends embedded skips the production
 configuration where PostgreSQL and Redis are not at hand (genserve's figure is then the
@@ -221,6 +227,95 @@ def run_baseline(
         "wall_s": wall,
         "peak_mib": peak_mib,
     }
+
+
+def run_static_batches(
+    folder: str, prompts: list[str], max_tokens: int, batch: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Runs in a spawned child: transformers generate on static batches, left padded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer.padding_side = "left"
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    useful = padded = 0
+    started = time.perf_counter()
+    for first in range(0, len(texts), batch):
+        encoded = tokenizer(
+            texts[first : first + batch],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        ).to(device)
+        with torch.inference_mode():
+            out = model.generate(
+                **encoded,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        new = out[:, encoded["input_ids"].shape[1] :].tolist()
+        padded += len(new) * len(new[0])
+        for row in new:
+            useful += next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+    wall = time.perf_counter() - started
+    return {"tok_s": useful / wall, "padded_tok_s": padded / wall, "wall_s": wall}
+
+
+def run_engine_alone(
+    model_name: str, cache: str, prompts: list[str], max_tokens: int, clients: int, device: str
+) -> dict[str, Any]:
+    """Runs in a spawned child: genserve's engine, `clients` threads in a closed loop."""
+    import queue
+    import threading
+
+    from models.backends.decoding import GenerationOutput, SamplingParams
+    from workers.engine.engine import Engine, EngineLimits
+    from workers.engine.runtime import ModelRuntime
+
+    # The worker's runtime: its device, dtype and batch limits.
+    runtime = ModelRuntime(cache_dir=Path(cache), device=device, limits=EngineLimits())
+    model = runtime.chat_model(model_name)
+    engine: Engine = runtime.engine
+    pending: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+    for prompt in prompts:
+        pending.put(model.encode_chat([{"role": "user", "content": prompt}]))
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
+    made: list[int] = []
+
+    def finish(handle: Any) -> int:
+        while not isinstance(item := handle.next(), GenerationOutput):
+            pass
+        return int(item.completion_tokens)
+
+    finish(engine.generate(model, model.encode_prompt("Say hello."), params))  # warm up
+
+    def client() -> None:
+        while True:
+            try:
+                ids = pending.get_nowait()
+            except queue.Empty:
+                return
+            made.append(finish(engine.generate(model, ids, params)))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {"tok_s": sum(made) / wall, "wall_s": wall}
 
 
 def in_child(function: Callable[..., Any], *args: Any) -> Any:
@@ -797,6 +892,11 @@ def parse_args() -> argparse.Namespace:
         default=",".join(PEER_MODES),
         help=f"the peer's modes to run, a subset of {', '.join(PEER_MODES)}",
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also static batches in transformers and genserve's engine alone, in process",
+    )
     parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/7", help="flushed")
@@ -925,6 +1025,33 @@ def build_result(
     return result, notes
 
 
+def measure_ceiling(args: argparse.Namespace, prompts: list[str], folder: Path) -> dict[str, Any]:
+    """What batching reaches at the highest level without the service around it."""
+    batch = max(args.concurrency)
+    print(f"ceiling: static batches of {batch} in transformers, and the engine alone", flush=True)
+    static = in_child(run_static_batches, str(folder), prompts, args.max_tokens, batch, args.device)
+    engine = in_child(
+        run_engine_alone,
+        args.model,
+        str(args.cache),
+        prompts,
+        args.max_tokens,
+        batch,
+        args.device,
+    )
+    print(
+        f"  static {static['tok_s']:.1f} tok/s ({static['padded_tok_s']:.1f} with padding), "
+        f"engine alone {engine['tok_s']:.1f} tok/s",
+        flush=True,
+    )
+    return {
+        "batch": batch,
+        "static_batch_tok_s": round(static["tok_s"], 2),
+        "static_batch_padded_tok_s": round(static["padded_tok_s"], 2),
+        "engine_alone_tok_s": round(engine["tok_s"], 2),
+    }
+
+
 def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups
@@ -936,8 +1063,10 @@ def main() -> None:
         run_baseline, str(folder), prompts[: args.alone_prompts], args.max_tokens, args.device
     )
     print(f"  {sum(base['tokens']) / base['wall_s']:.1f} tok/s", flush=True)
+    ceiling = measure_ceiling(args, prompts, folder) if args.ceiling else None
     runs = run_servers(args, prompts, folder)
     result, notes = build_result(args, base, runs, folder)
+    result["ceiling"] = ceiling
     print_table(result, args.concurrency, notes)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(f"total run time: {result['seconds']:.0f} s")
