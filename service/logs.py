@@ -4,8 +4,8 @@ The ids of what a record is about travel in context variables: the API's middlew
 the request id, the worker sets the job id (and the request id that submitted it, which
 travels in the task message's headers), and every record logged inside carries them:
 
-    {"ts": "2026-12-04T10:00:00.123Z", "level": "INFO", "logger": "genserve.worker",
-     "message": "job job_… : succeeded", "request_id": "3f2a…", "job_id": "job_…"}
+    {"ts": "2026-12-04T10:00:00.123+00:00", "level": "INFO", "logger": "genserve.worker",
+     "message": "job job_…: succeeded", "request_id": "3f2a…", "job_id": "job_…"}
 
 JSON is the default in production (`GENSERVE_LOG_FORMAT=json|text` chooses).
 """
