@@ -41,8 +41,10 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from service.api.schemas import IngestionPublic
 from service.client import DEFAULT_URL, ApiError, Client
 from service.config import get_settings
+from service.db.tables import TERMINAL_STATUSES
 
 remote = typer.Typer()
 batch_app = typer.Typer(help="Run a JSONL file of requests as jobs.", no_args_is_help=True)
@@ -439,7 +441,7 @@ def export(
         ) as progress:
             task = progress.add_task(f"export {started.id}: {started.status}")
             done = started
-            while done.status not in ("succeeded", "failed", "cancelled"):
+            while done.status not in TERMINAL_STATUSES:
                 time.sleep(0.5)
                 done = client.export_status(started.id)
                 progress.update(task, description=f"export {started.id}: {done.status}")
@@ -509,7 +511,7 @@ def train(
                 if event.kind == "progress" and not as_json:
                     err.print(_loss_line(event.data))
             job = client.training_job(job.id)
-            if job.status in ("succeeded", "failed", "cancelled"):
+            if job.status in TERMINAL_STATUSES:
                 break
             time.sleep(0.5)
     if as_json:
@@ -628,7 +630,6 @@ def ingest(
     paths = _documents_in(folder)
     if not paths:
         _fail(f"no documents in {folder}")
-    base, api_key = resolve(url, key)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -637,44 +638,22 @@ def ingest(
         TimeElapsedColumn(),
         console=err,
     )
-    try:
-        with (
-            httpx.Client(
-                base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=300
-            ) as http,
-            progress,
-        ):
-            collection_id = _collection(http, collection)
-            total = sum(path.stat().st_size for path in paths)
-            uploaded = progress.add_task(f"upload {len(paths)} files", total=total)
-            locations = [
-                _upload(http, collection_id, group, progress, uploaded)
-                for group in _upload_groups(paths)
-            ]
-            overall = progress.add_task("documents ingested", total=len(paths))
-            failed = _follow_ingestions(http, locations, progress, overall) if wait else False
-    except httpx.TransportError as exc:
-        _fail(f"cannot reach {base}: {exc}")
-    out.print(f"uploaded {len(paths)} files to collection {collection_id}")
-    raise typer.Exit(1 if failed else 0)
-
-
-def _answer(response: httpx.Response, doing: str) -> dict[str, Any]:
-    if response.status_code >= 400:
+    with connected(url, key) as client, progress:
         try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        _fail(f"{doing}: {response.status_code}: {message}")
-    answer: dict[str, Any] = response.json()
-    return answer
-
-
-def _collection(http: httpx.Client, collection: str) -> str:
-    found = http.get(f"/v1/collections/{collection}")
-    if found.status_code == 404:
-        found = http.post("/v1/collections", json={"name": collection})
-    return str(_answer(found, f"collection {collection}")["id"])
+            found = client.collection(collection)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            found = client.create_collection(collection)
+        total = sum(path.stat().st_size for path in paths)
+        uploaded = progress.add_task(f"upload {len(paths)} files", total=total)
+        ingestions = [
+            _upload(client, found.id, group, progress, uploaded) for group in _upload_groups(paths)
+        ]
+        overall = progress.add_task("documents ingested", total=len(paths))
+        failed = _follow_ingestions(client, ingestions, progress, overall) if wait else False
+    out.print(f"uploaded {len(paths)} files to collection {found.id}")
+    raise typer.Exit(1 if failed else 0)
 
 
 class _Counted:
@@ -711,40 +690,34 @@ class _Counted:
 
 
 def _upload(
-    http: httpx.Client, collection_id: str, group: list[Path], progress: Progress, task: Any
-) -> str:
+    client: Client, collection_id: int, group: list[Path], progress: Progress, task: Any
+) -> IngestionPublic:
     handles = [_Counted(path, progress, task) for path in group]
     try:
-        answer = http.post(
-            f"/v1/collections/{collection_id}/documents",
-            files=[
-                ("file", (p.name, cast(IO[bytes], h))) for p, h in zip(group, handles, strict=True)
-            ],
+        return client.add_documents(
+            collection_id,
+            [(p.name, cast(IO[bytes], h)) for p, h in zip(group, handles, strict=True)],
         )
     finally:
         for handle in handles:
             handle.close()
-    if answer.status_code != 202:
-        _answer(answer, "upload refused")
-    return answer.headers["Location"]
 
 
 def _follow_ingestions(
-    http: httpx.Client, locations: list[str], progress: Progress, overall: Any
+    client: Client, ingestions: list[IngestionPublic], progress: Progress, overall: Any
 ) -> bool:
     """Until every ingestion ends; True when one failed (its errors printed)."""
     while True:
-        states = [_answer(http.get(location), "ingestion") for location in locations]
-        counts = [state["progress"].get("documents", {}) for state in states]
+        states = [client.ingestion(i.collection_id, i.id) for i in ingestions]
+        counts = [state.progress.get("documents", {}) for state in states]
         progress.update(
             overall,
             completed=sum(c.get("done", 0) for c in counts),
             total=max(sum(c.get("total", 0) for c in counts), 1),
         )
-        ended = [s for s in states if s["status"] in ("succeeded", "failed", "cancelled")]
-        if len(ended) == len(states):
-            for state in ended:
-                for error in state["progress"].get("errors", []):
+        if all(state.status in TERMINAL_STATUSES for state in states):
+            for state in states:
+                for error in state.progress.get("errors", []):
                     err.print(Text(f"error: {error}", style="red"))
-            return any(state["status"] != "succeeded" for state in ended)
+            return any(state.status != "succeeded" for state in states)
         time.sleep(0.5)

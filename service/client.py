@@ -21,15 +21,18 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
 from service.api.schemas import (
+    CollectionCreate,
+    CollectionPublic,
     ExportCreate,
     ExportPublic,
     GenerationPublic,
+    IngestionPublic,
     JobCreate,
     JobPublic,
     Page,
@@ -252,6 +255,33 @@ class Client:
             "GET",
             f"/v1/training-jobs/{job_id}/progress",
             params={"after": after},
+        )
+
+    # --- collections (documents for grounded answers) ------------------------------------
+
+    def collection(self, collection: str) -> CollectionPublic:
+        """A collection by id or name."""
+        return self._send(CollectionPublic, "GET", f"/v1/collections/{collection}")
+
+    def create_collection(self, name: str, **options: Any) -> CollectionPublic:
+        body = CollectionCreate.model_validate({"name": name, **options})
+        return self._send(CollectionPublic, "POST", "/v1/collections", json=_body(body))
+
+    def add_documents(
+        self, collection_id: int, files: Sequence[tuple[str, IO[bytes] | bytes]]
+    ) -> IngestionPublic:
+        """Upload (name, content or open file) pairs into a collection; its ingestion
+        extracts, chunks, embeds and indexes them (follow it with `ingestion`)."""
+        return self._send(
+            IngestionPublic,
+            "POST",
+            f"/v1/collections/{collection_id}/documents",
+            files=[("file", (name, content)) for name, content in files],
+        )
+
+    def ingestion(self, collection_id: int, ingestion_id: str) -> IngestionPublic:
+        return self._send(
+            IngestionPublic, "GET", f"/v1/collections/{collection_id}/ingestions/{ingestion_id}"
         )
 
     # --- files and batches ----------------------------------------------------------------
