@@ -18,12 +18,12 @@ from pydantic import ValidationError
 
 from service import logs
 from service.cli_remote import ADMIN_KEY_FILE, remote
+from service.config import QUEUES, Settings, get_settings
 
 try:  # typer carries its own copy of click since 0.2x; before, it used click itself
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_errors  # type: ignore[no-redef]
-from service.config import QUEUES, Settings, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -165,11 +165,11 @@ def _worker_families(session: Session, now: datetime, interval_s: float) -> list
     serving = GaugeMetricFamily(
         "genserve_model_workers", "Live workers serving the model.", labels=["model"]
     )
-    live = {row.id for row in workers.live(session, interval_s=interval_s, now=now)}
+    since = workers.live_since(interval_s, now)
     per_model: dict[str, int] = {}
     republished: dict[str, Metric] = {}
     for row in workers.recent(session):
-        alive = row.id in live
+        alive = row.seen_at >= since
         up.add_metric([row.id, row.device], 1 if alive else 0)
         last.add_metric([row.id], row.seen_at.timestamp())
         if not alive:

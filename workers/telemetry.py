@@ -67,15 +67,20 @@ RUNNING_SEQUENCES = Gauge(
     registry=REGISTRY,
 )
 
-_tokens_lock = threading.Lock()
-_tokens: dict[str, int] = {}
-
 
 def count_tokens(model: str, tokens: int) -> None:
     if tokens > 0:
         GENERATED_TOKENS.labels(model).inc(tokens)
-        with _tokens_lock:
-            _tokens[model] = _tokens.get(model, 0) + tokens
+
+
+def _tokens_by_model() -> dict[str, float]:
+    """GENERATED_TOKENS's totals, as the registry reads them."""
+    return {
+        sample.labels["model"]: sample.value
+        for family in GENERATED_TOKENS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
 
 
 def first_token(model: str, submitted_at: datetime) -> None:
@@ -137,7 +142,7 @@ class Heartbeat:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last: tuple[float, dict[str, int]] = (time.monotonic(), {})
+        self._last: tuple[float, dict[str, float]] = (time.monotonic(), {})
 
     def start(self) -> None:
         if self._thread is None:
@@ -175,8 +180,7 @@ class Heartbeat:
 
     def _update_rates(self) -> None:
         now = time.monotonic()
-        with _tokens_lock:
-            totals = dict(_tokens)
+        totals = _tokens_by_model()
         then, before = self._last
         elapsed = now - then
         for model in set(totals) | set(self._models):

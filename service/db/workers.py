@@ -61,12 +61,16 @@ def forget_gone(session: Session, *, now: datetime | None = None) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+def live_since(interval_s: float, now: datetime | None = None) -> datetime:
+    """A worker seen at or after this is live: it missed fewer than MISSED_BEATS beats."""
+    return (now or utcnow()) - timedelta(seconds=interval_s * MISSED_BEATS)
+
+
 def live(
     session: Session, *, interval_s: float, now: datetime | None = None
 ) -> list[WorkerHeartbeat]:
     """The workers heard from within MISSED_BEATS beats, by id."""
-    cutoff = (now or utcnow()) - timedelta(seconds=interval_s * MISSED_BEATS)
-    query = select(WorkerHeartbeat).where(WorkerHeartbeat.seen_at >= cutoff)
+    query = select(WorkerHeartbeat).where(WorkerHeartbeat.seen_at >= live_since(interval_s, now))
     return list(session.scalars(query.order_by(WorkerHeartbeat.id)))
 
 

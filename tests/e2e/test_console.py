@@ -25,6 +25,7 @@ from playwright.sync_api import Browser, Page, Request, ViewportSize, expect, sy
 
 from tests.conftest import ROOT, unavailable
 from tests.e2e.conftest import Live
+from tests.e2e.test_training import RNN_CONFIG as TRAINING_RNN_CONFIG
 from tests.utils.server import wait_for_job
 
 pytestmark = pytest.mark.e2e
@@ -56,15 +57,8 @@ TIDES = [
 ]
 # The tiny model's 512-token context (bytes) holds both passages only beside a short answer.
 SHOWCASE_TOKENS = 160 if FOR_DOCS else 24
-RNN_CONFIG = {
-    "hidden_size": 32,
-    "embedding_size": 8,
-    "num_layers": 1,
-    "seq_len": 32,
-    "batch_size": 8,
-    "epochs": 3,
-    "steps_per_epoch": 5,
-}
+# The training tests' tiny budget, an epoch longer: a curve of a few points to draw.
+RNN_CONFIG = {**TRAINING_RNN_CONFIG, "epochs": 3}
 
 
 @dataclass(frozen=True)
