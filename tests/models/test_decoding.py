@@ -10,7 +10,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from models.backends.causal_lm import CausalLM
-from models.backends.decoding import BatchDecoder, DecodeRequest, GenerationOutput, SamplingParams
+from models.backends.decoding import (
+    BatchDecoder,
+    DecodeRequest,
+    GenerationOutput,
+    KVBatch,
+    SamplingParams,
+)
 
 WORDS = "the sea a cat runs over green hills while old stars burn slowly in cold night".split()
 
@@ -65,6 +71,73 @@ def test_greedy_batched_equals_alone_for_mixed_prompts_and_budgets(tiny_lm: Caus
         assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
     assert max(o.peak_batch for o in outputs.values()) == 12
     assert not decoder.has_work
+
+
+def test_rows_keep_their_own_cache_as_the_batch_reshapes(tiny_lm: CausalLM) -> None:
+    """Rows leave from the middle (the last row takes their place), newcomers longer than
+    every running row widen the batch on the left, and decoding outgrows the buffers'
+    spare columns: every output is still the one decoded alone."""
+    prompts = sorted(mixed_prompts(tiny_lm, 12, seed=6), key=len)[:10]
+    prompts = [prompts[i] for i in (0, 2, 1, 9, 3, 8, 4, 7, 5, 6)]  # short and long mixed
+    budgets = [3, 120, 9, 70, 2, 100, 15, 5, 80, 30]
+    params = [SamplingParams(max_new_tokens=b, temperature=0) for b in budgets]
+    expected = [alone(tiny_lm, p, q) for p, q in zip(prompts, params, strict=True)]
+    decoder = tiny_lm.decoder(max_batch=4)
+    requests = [tiny_lm.request(p, q) for p, q in zip(prompts, params, strict=True)]
+    outputs = run_batched(decoder, requests, arrive_per_step=1)
+    for request, want in zip(requests, expected, strict=True):
+        assert outputs[id(request)].token_ids == want.token_ids
+    assert max(len(w.token_ids) for w in expected) > 64  # past the spare columns
+
+
+def test_a_leaving_row_copies_one_row_not_the_cache(tiny_lm: CausalLM) -> None:
+    prompts = mixed_prompts(tiny_lm, 3, seed=7)
+    decoder = tiny_lm.decoder(max_batch=3)
+    budgets = (6, 3, 6)  # the middle row leaves in the second step (two tokens a step)
+    requests = [
+        tiny_lm.request(p, SamplingParams(max_new_tokens=b, temperature=0))
+        for p, b in zip(prompts, budgets, strict=True)
+    ]
+    for request in requests:
+        decoder.add(request)
+    decoder.step()
+    layers = decoder._batch._layers  # white box: the buffers themselves
+    buffers = [id(layer.key_buffer) for layer in layers]
+    finished = decoder.step()
+    assert [id(r) for r, _ in finished] == [id(requests[1])]
+    assert decoder.running == 2
+    assert [id(layer.key_buffer) for layer in layers] == buffers
+    rest = run_batched(decoder, [], arrive_per_step=1)
+    for i in (0, 2):
+        want = alone(tiny_lm, prompts[i], SamplingParams(max_new_tokens=6, temperature=0))
+        assert rest[id(requests[i])].token_ids == want.token_ids
+
+
+def test_newcomers_of_mixed_lengths_are_prefilled_in_groups(
+    tiny_lm: CausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padding every prompt to the longest wastes compute; sorted groups waste little."""
+    shapes: list[tuple[int, int]] = []
+    prefill = KVBatch.prefill
+
+    def recorded(self: KVBatch, prompts: list[list[int]]) -> torch.Tensor:
+        shapes.append((len(prompts), max(len(p) for p in prompts)))
+        return prefill(self, prompts)
+
+    monkeypatch.setattr(KVBatch, "prefill", recorded)
+    short = [p for p in mixed_prompts(tiny_lm, 40, seed=8) if len(p) < 60]
+    long = [p for p in mixed_prompts(tiny_lm, 40, seed=9) if len(p) > 200]
+    prompts = short[:5] + long[:3]
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    decoder = tiny_lm.decoder(max_batch=8)
+    requests = [tiny_lm.request(p, params) for p in prompts]
+    outputs = run_batched(decoder, requests, arrive_per_step=8)
+    assert len(shapes) >= 2
+    assert sum(rows for rows, _ in shapes) == 8
+    padded = sum(rows * width for rows, width in shapes)
+    assert padded <= 1.2 * sum(map(len, prompts))
+    for request, prompt in zip(requests, prompts, strict=True):
+        assert outputs[id(request)].token_ids == alone(tiny_lm, prompt, params).token_ids
 
 
 def test_per_request_sampling_and_stop_strings_hold_inside_a_batch(tiny_lm: CausalLM) -> None:
