@@ -11,6 +11,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
+from models.backends import packed_linear
 from models.backends.decoding import (
     BatchDecoder,
     DecodeRequest,
@@ -28,8 +31,13 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 class CausalLM:
     """A causal LM and its tokenizer on one device, with incremental KV-cache decoding.
 
+    On a CPU the model's float32 linear layers are swapped, in place, for oneDNN's on
+    prepacked weights (models/backends/packed_linear.py): decoding steps run faster, and
+    a sequence's logits no longer depend on what shares its batch.
+
     Args:
-        model: A transformers causal LM in eval mode, already on `device`.
+        model: A transformers causal LM in eval mode, already on `device`; used for
+            inference only from here on.
         tokenizer: Its tokenizer; must have a chat template for `encode_chat`.
         name: Public model name.
         device: Torch device string the model lives on.
@@ -47,6 +55,8 @@ class CausalLM:
     ) -> None:
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
+        if torch.device(device).type == "cpu":
+            packed_linear.pack_linears(model)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name

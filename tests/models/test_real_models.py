@@ -56,18 +56,23 @@ def test_smollm2_cache_is_a_plain_transformers_folder(
     assert not [p for p in real_model_cache.iterdir() if ".tmp-" in p.name]
 
 
-def test_smollm2_cached_weights_match_gguf(smollm2: CausalLM) -> None:
+def test_smollm2_cached_weights_match_gguf(smollm2: CausalLM, real_model_cache: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     source = gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.float32
     ).eval()
+    cached = AutoModelForCausalLM.from_pretrained(
+        real_model_cache / "smollm2-135m-instruct", dtype=torch.float32
+    ).eval()
     ids = torch.tensor([smollm2.encode_chat([{"role": "user", "content": "Hello!"}])])
     with torch.inference_mode():
         expected = reference(ids).logits
-        actual = smollm2.model(ids).logits
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cached(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        # The worker's copy runs other matrix kernels (oneDNN's, packed): float32 rounding
+        # differs, by about 1e-4 on these logits after 30 layers.
+        torch.testing.assert_close(smollm2.model(ids).logits, expected, atol=1e-3, rtol=1e-3)
 
 
 def test_smollm2_answers_in_english(smollm2: CausalLM) -> None:
