@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +24,8 @@ from service.db import training
 from service.db.tables import TrainingJob
 
 logger = logging.getLogger("genserve.worker")
+
+T = TypeVar("T")
 
 # How often a running job renews its lease and looks for a cancel, between reports.
 CHECK_EVERY_S = 1.0
@@ -163,14 +167,16 @@ def run_training(
         parsed = classic.parse_dataset(TRAINED_FAMILIES[job.arch][0], filename, data)
         del data
         started = time.perf_counter()
-        trained = classic.train(
-            job.arch,
-            job.config,
-            parsed,
-            device=device,
-            seed=job.seed,
-            report=reporter.progress,
-            should_stop=reporter.should_stop,
+        trained = _on_a_thread_of_its_own(
+            lambda: classic.train(
+                job.arch,
+                job.config,
+                parsed,
+                device=device,
+                seed=job.seed,
+                report=reporter.progress,
+                should_stop=reporter.should_stop,
+            )
         )
     except classic.Stopped:
         if reporter.timed_out:
@@ -196,6 +202,17 @@ def run_training(
         dataset_sha256=dataset_sha256,
         artifact_sha256=artifact_sha256,
     )
+
+
+def _on_a_thread_of_its_own(function: Callable[[], T]) -> T:
+    """Run `function` on a new thread, wait for it and return what it returned.
+
+    On the job's own thread, the OpenMP pool PyTorch starts for training would outlive the
+    job; beside the engine thread's it would make every later decoding step pay an OpenMP
+    wake-up per parallel region (workers/engine/engine.py). A thread's pool ends with it.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="genserve-training") as pool:
+        return pool.submit(function).result()
 
 
 def fail_training(factory: sessionmaker[Session], job_id: str, error: str) -> None:

@@ -5,9 +5,18 @@ them on one thread so that nothing on the device is computed twice at once:
 
 - generations go to the `BatchDecoder` of their model, which batches every sequence
   that is running (continuous batching, models/backends/decoding.py);
-- other work (embedding a stored generation, an embeddings request) is a call that runs
-  between two decoding steps, so it neither waits for a whole generation nor competes
-  with a step for the same cores.
+- other work (loading a model, embedding a stored generation, an embeddings request) is
+  a call that runs between two decoding steps, so it neither waits for a whole generation
+  nor competes with a step for the same cores.
+
+On a CPU there is one more reason for one thread. PyTorch parallelises an operation with
+OpenMP, and libgomp gives every thread that starts parallel work a pool of its own. Once
+the pools together hold more threads than there are cores, libgomp stops spinning at its
+barriers and sleeps instead, and every parallel region pays a wake-up: on 2 cores a small
+elementwise operation went from 12 to 80-100 us, and a lone sequence from 45 to 63 ms a
+token, when the model had been loaded on another thread than the one decoding. So the
+models are loaded, and compute, on the engine thread only (workers/training.py gives
+training a thread of its own, whose pool ends with it).
 
 Text deltas and the final output travel back to the job thread through its
 `GenerationHandle`; the engine thread never does I/O.
@@ -122,6 +131,8 @@ class Engine:
 
     def call(self, function: Callable[[], T]) -> T:
         """Run `function` on the engine thread between two steps and return its result."""
+        if threading.current_thread() is self._thread:
+            return function()  # already there (a call that calls)
         future: Future[T] = Future()
         with self._wake:
             self._calls.append((function, future))  # type: ignore[arg-type]

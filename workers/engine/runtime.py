@@ -55,8 +55,15 @@ class ModelRuntime:
                 started = time.perf_counter()
                 spec = get_spec(name)
                 options = {"runtime": self.embedding_runtime} if spec.task == "embedding" else {}
-                self._models[name] = load_model(
-                    spec, cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, **options
+                # On the engine thread, like everything else the models compute (Engine).
+                self._models[name] = self.engine.call(
+                    lambda: load_model(
+                        spec,
+                        cache_dir=self.cache_dir,
+                        device=self.device,
+                        dtype=self.dtype,
+                        **options,
+                    )
                 )
                 logger.info(
                     "loaded %s on %s in %.1fs", name, self.device, time.perf_counter() - started
@@ -83,7 +90,7 @@ class ModelRuntime:
                     raise RuntimeError(
                         f"checkpoint {path} has sha256 {actual}, registered as {sha256}"
                     )
-                trained = classic.load(path, device=self.device)
+                trained = self.engine.call(lambda: classic.load(path, device=self.device))
                 if len(self._trained) >= MAX_TRAINED_MODELS:
                     self._trained.pop(next(iter(self._trained)))
                 self._trained[sha256] = trained
