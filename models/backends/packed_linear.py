@@ -16,6 +16,8 @@ for 1 to 1,100 rows on every shape of SmolLM2), where MKL switches kernels for f
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -80,4 +82,13 @@ def pack_linears(model: nn.Module) -> int:
     ]
     for parent, name in targets:  # one layer at a time: the old weights go as the new come
         setattr(parent, name, PackedLinear(getattr(parent, name)))
+    if targets:
+        # What the model still holds (embeddings, norms) may be views of the weights file
+        # the loader mapped in (safetensors). Packing read every page of that file, and the
+        # mapping keeps them all resident while any tensor refers to it: copies of the rest
+        # let it go (SmolLM2 after a generation: 1.17 GB resident against 1.56 GB, and
+        # 1.08 GB unpacked).
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                tensor.data = tensor.data.clone()
     return len(targets)
