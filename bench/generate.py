@@ -12,6 +12,8 @@ SciFact claims, mixed lengths) and --max-tokens for every system:
   process tree (every child of `serve` but the API).
 - peer: `transformers serve FOLDER --device DEVICE` on the same converted folder, without
   and with `--continuous-batching`; its figure at each concurrency is the faster mode.
+  Without batching it runs at concurrency 1 only unless --peer-plain-levels says more:
+  it serves one request at a time, and at 8 it measured 0.95x its own concurrency-1 rate.
 
 - with --ceiling, what batching can reach with no service around it, at the highest
   --concurrency C: transformers `generate` on static batches of C prompts (left padded;
@@ -883,9 +885,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--phase-limit-s", type=float, default=40.0)
     parser.add_argument(
         "--peer-plain-levels",
-        default="",
-        help="levels the unbatched peer runs (default all); it serves one request at a time, "
-        "so at high concurrency it only repeats its concurrency-1 rate, slowly",
+        default="1",
+        help="levels the unbatched peer runs (empty: all); it serves one request at a time, "
+        "so at higher concurrency it only repeats its concurrency-1 rate, slowly, and the "
+        "peer's batched mode is the faster there",
     )
     parser.add_argument(
         "--peer-modes",

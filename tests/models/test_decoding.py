@@ -57,19 +57,31 @@ def alone(lm: CausalLM, prompt: list[int], params: SamplingParams) -> Generation
     )
 
 
+def batched_and_alone(
+    lm: CausalLM,
+    decoder: BatchDecoder,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    *,
+    arrive_per_step: int,
+) -> list[tuple[GenerationOutput, GenerationOutput]]:
+    """Each request's output through `decoder` (arriving as traffic would) and alone."""
+    expected = [alone(lm, p, q) for p, q in zip(prompts, params, strict=True)]
+    requests = [lm.request(p, q) for p, q in zip(prompts, params, strict=True)]
+    outputs = run_batched(decoder, requests, arrive_per_step=arrive_per_step)
+    return [(outputs[id(r)], want) for r, want in zip(requests, expected, strict=True)]
+
+
 def test_greedy_batched_equals_alone_for_mixed_prompts_and_budgets(tiny_lm: CausalLM) -> None:
     prompts = mixed_prompts(tiny_lm, 40)
     params = [SamplingParams(max_new_tokens=1 + (i * 7) % 30, temperature=0) for i in range(40)]
-    expected = [alone(tiny_lm, p, q) for p, q in zip(prompts, params, strict=True)]
     # A batch smaller than the traffic, so sequences also wait, join and leave.
     decoder = tiny_lm.decoder(max_batch=12, max_prefill_tokens=1024)
-    requests = [tiny_lm.request(p, q) for p, q in zip(prompts, params, strict=True)]
-    outputs = run_batched(decoder, requests, arrive_per_step=3)
-    for request, want in zip(requests, expected, strict=True):
-        got = outputs[id(request)]
+    pairs = batched_and_alone(tiny_lm, decoder, prompts, params, arrive_per_step=3)
+    for got, want in pairs:
         assert got.token_ids == want.token_ids
         assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
-    assert max(o.peak_batch for o in outputs.values()) == 12
+    assert max(got.peak_batch for got, _ in pairs) == 12
     assert not decoder.has_work
 
 
@@ -81,13 +93,11 @@ def test_rows_keep_their_own_cache_as_the_batch_reshapes(tiny_lm: CausalLM) -> N
     prompts = [prompts[i] for i in (0, 2, 1, 9, 3, 8, 4, 7, 5, 6)]  # short and long mixed
     budgets = [3, 120, 9, 70, 2, 100, 15, 5, 80, 30]
     params = [SamplingParams(max_new_tokens=b, temperature=0) for b in budgets]
-    expected = [alone(tiny_lm, p, q) for p, q in zip(prompts, params, strict=True)]
     decoder = tiny_lm.decoder(max_batch=4)
-    requests = [tiny_lm.request(p, q) for p, q in zip(prompts, params, strict=True)]
-    outputs = run_batched(decoder, requests, arrive_per_step=1)
-    for request, want in zip(requests, expected, strict=True):
-        assert outputs[id(request)].token_ids == want.token_ids
-    assert max(len(w.token_ids) for w in expected) > 64  # past the spare columns
+    pairs = batched_and_alone(tiny_lm, decoder, prompts, params, arrive_per_step=1)
+    for got, want in pairs:
+        assert got.token_ids == want.token_ids
+    assert max(len(want.token_ids) for _, want in pairs) > 64  # past the spare columns
 
 
 def test_a_leaving_row_copies_one_row_not_the_cache(tiny_lm: CausalLM) -> None:
@@ -151,15 +161,12 @@ def test_per_request_sampling_and_stop_strings_hold_inside_a_batch(tiny_lm: Caus
             params.append(
                 SamplingParams(max_new_tokens=8 + i, temperature=0.7 + i / 40, top_p=0.9, seed=i)
             )
-    expected = [alone(tiny_lm, p, q) for p, q in zip(prompts, params, strict=True)]
     decoder = tiny_lm.decoder(max_batch=16)
-    requests = [tiny_lm.request(p, q) for p, q in zip(prompts, params, strict=True)]
-    outputs = run_batched(decoder, requests, arrive_per_step=5)
-    for request, want in zip(requests, expected, strict=True):
-        assert outputs[id(request)].token_ids == want.token_ids
-        assert outputs[id(request)].text == want.text
-    stopped = [outputs[id(r)] for r, q in zip(requests, params, strict=True) if q.stop]
-    assert all(o.finish_reason == "stop" for o in stopped)
+    pairs = batched_and_alone(tiny_lm, decoder, prompts, params, arrive_per_step=5)
+    for got, want in pairs:
+        assert (got.token_ids, got.text) == (want.token_ids, want.text)
+    stopped = [got for (got, _), q in zip(pairs, params, strict=True) if q.stop]
+    assert stopped and all(o.finish_reason == "stop" for o in stopped)
 
 
 def test_a_cancelled_sequence_leaves_and_the_others_go_on(tiny_lm: CausalLM) -> None:
