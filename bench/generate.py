@@ -678,6 +678,13 @@ def gpu_held(idle: float | None) -> float | None:
 # --- (c) the peer: transformers serve --------------------------------------------------------
 
 
+def peer_levels(args: argparse.Namespace, mode: str) -> list[int]:
+    """The concurrency levels the peer runs in `mode` (the unbatched one: a subset)."""
+    if mode == "plain" and args.peer_plain_levels:
+        return [c for c in args.concurrency if c in args.peer_plain_levels]
+    return list(args.concurrency)
+
+
 def measure_peer(
     args: argparse.Namespace, prompts: list[str], work: Path, folder: Path, mode: str
 ) -> SystemRun:
@@ -695,10 +702,7 @@ def measure_peer(
         base_url = f"http://127.0.0.1:{port}"
         startup = wait_up(process, f"{base_url}/health", None, timeout=300)
         print(f"  ready in {startup:.1f}s", flush=True)
-        levels = args.concurrency
-        if mode == "plain" and args.peer_plain_levels:
-            levels = [c for c in args.concurrency if c in args.peer_plain_levels]
-        phases = measure(base_url, {}, str(folder), prompts, args, levels)
+        phases = measure(base_url, {}, str(folder), prompts, args, peer_levels(args, mode))
         return SystemRun(
             phases,
             peak_mib=peak_mib([process.pid]),
@@ -962,6 +966,9 @@ def run_servers(args: argparse.Namespace, prompts: list[str], folder: Path) -> d
         for mode in PEER_MODES:
             if mode not in args.peer_modes:
                 runs[f"peer_{mode}"] = SystemRun(error="not run (--peer-modes)")
+                continue
+            if not peer_levels(args, mode):  # none of its levels is asked for: no server
+                runs[f"peer_{mode}"] = SystemRun(error="not run (--peer-plain-levels)")
                 continue
             runs[f"peer_{mode}"] = attempt(
                 f"peer {mode}", partial(measure_peer, args, prompts, work, folder, mode)
